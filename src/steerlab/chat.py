@@ -1,0 +1,74 @@
+"""Rendering prompts: the model's chat template when it has one, plain text otherwise."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A prompt rendered to text, and whether the text already holds special tokens."""
+
+    text: str
+    templated: bool
+
+
+def render(
+    tokenizer: Any,
+    user: str,
+    *,
+    system: str | None = None,
+    assistant_prefix: str = "",
+    chat: bool = True,
+) -> Rendered:
+    """Render one user turn, with the assistant turn opened and starting with ``assistant_prefix``.
+
+    Without a chat template (or with ``chat=False``) the text is ``user`` followed by
+    ``assistant_prefix``, with the system prompt as a first paragraph.
+    """
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        messages.append({"role": "user", "content": user})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return Rendered(text=str(text) + assistant_prefix, templated=True)
+    head = f"{system}\n\n" if system else ""
+    if not chat:
+        joiner = " " if assistant_prefix and user and not user.endswith((" ", "\n")) else ""
+        return Rendered(text=f"{head}{user}{joiner}{assistant_prefix}", templated=False)
+    return Rendered(text=f"{head}User: {user}\nAssistant: {assistant_prefix}", templated=False)
+
+
+def encode(tokenizer: Any, rendered: Rendered) -> list[int]:
+    """Token ids of a rendered prompt (special tokens added only for plain text)."""
+    ids = tokenizer(rendered.text, add_special_tokens=not rendered.templated)["input_ids"]
+    return [int(i) for i in ids]
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, side: str = "left"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists into ``input_ids`` and ``attention_mask`` (both ``[batch, seq]``)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', not {side!r}")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        n = len(seq)
+        if n == 0:
+            continue
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[row, cols] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor, past: int = 0) -> torch.Tensor:
+    """Position ids that count only real tokens (pads get 0), for left or right padding."""
+    positions = attention_mask.long().cumsum(-1) - 1  # [batch, past + seq]
+    positions = positions.clamp(min=0)
+    return positions[:, past:]

@@ -1,0 +1,291 @@
+"""Steered decoding: one loop for every policy, batched with left padding.
+
+Persisting policies run one forward per token with the steering hooks on. ``transient``
+runs two: a steered pass whose logits pick the token, then the cache is cropped back and
+an unsteered pass appends the unsteered keys and values (../shared/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from steerlab.chat import encode, pad_batch, render
+from steerlab.errors import SteerlabError
+from steerlab.layers import LayerMap
+from steerlab.model import LoadedModel
+from steerlab.steering import Steerer, Steering
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings.
+
+    Args:
+        max_new_tokens: tokens to generate per row.
+        temperature: 0 for greedy decoding.
+        top_p: nucleus sampling mass (with temperature > 0).
+        seed: seed for sampling.
+        stop_at_eos: stop a row at its EOS token.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise SteerlabError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise SteerlabError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SteerlabError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Output of :func:`decode`.
+
+    Attributes:
+        tokens: ``[batch, n]`` generated ids (rows that stopped early are padded with EOS).
+        lengths: generated tokens per row, EOS included.
+        logits: per-step steered logits ``[batch, n, vocab]`` when requested.
+        kl: per-step KL(steered || unsteered) ``[batch, n]`` when ``track_unsteered``.
+        unsteered_logprobs: log-probability of each generated token under the unsteered
+            model ``[batch, n]`` when ``track_unsteered``.
+    """
+
+    tokens: torch.Tensor
+    lengths: list[int]
+    logits: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    unsteered_logprobs: torch.Tensor | None = None
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_kwarg_of(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward keyword for the KV cache: ``cache`` (transformers 5) or ``past_key_values``."""
+    return _cache_kwarg_of(type(model))
+
+
+def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> Any:
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+    kwargs = {cache_kwarg(model): cache}
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "past_key_values", None)
+    return cache if cache is not None else getattr(out, "cache", None)
+
+
+def _truncate(cache: Any, drop: int, backup: Any) -> Any:
+    """The cache without its newest ``drop`` positions (or the backup if it cannot crop)."""
+    if backup is not None:
+        return backup
+    cache.crop(-drop)  # a negative length removes tokens in transformers 4.4x and 5.x
+    return cache
+
+
+def _can_crop(cache: Any) -> bool:
+    if not hasattr(cache, "crop"):
+        return False
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return True
+    # Sliding-window layers of transformers 5 cannot crop once they have slid.
+    return all(type(layer).__name__ in ("DynamicLayer",) for layer in layers)
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)  # [batch, vocab]
+    if sampling.top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < sampling.top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def decode(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    steering: Sequence[Steering] | Sequence[Sequence[Steering]] = (),
+    sampling: Sampling | None = None,
+    *,
+    layer_map: LayerMap | None = None,
+    tokenizer: Any = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    return_logits: bool = False,
+    track_unsteered: bool = False,
+) -> Decoded:
+    """Generate from a left-padded batch with steering.
+
+    Args:
+        model: the causal LM.
+        input_ids: ``[batch, seq]`` left-padded prompt ids.
+        attention_mask: ``[batch, seq]`` 1 for real tokens.
+        steering: steerings for every row, or one list per row.
+        sampling: decoding settings (greedy, 64 tokens by default).
+        layer_map: decoder blocks (found from the model when omitted).
+        tokenizer: needed for ``from-marker`` policies.
+        eos_token_id: stop token(s); default the model config's.
+        return_logits: keep every step's steered logits.
+        track_unsteered: also run the unsteered model on the same tokens, for per-step KL
+            and the unsteered log-probability of each generated token.
+    """
+    sampling = sampling or Sampling()
+    if input_ids.shape != attention_mask.shape:
+        raise ValueError("input_ids and attention_mask must have the same shape")
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise SteerlabError("decode() needs left-padded prompts (a row ends with padding)")
+    device = model.get_input_embeddings().weight.device
+    ids = input_ids.to(device)
+    mask = attention_mask.to(device)
+    batch = ids.shape[0]
+    eos = eos_token_id if eos_token_id is not None else getattr(model.config, "eos_token_id", None)
+    eos_set = {int(e) for e in ([eos] if isinstance(eos, int) else list(eos or []))}
+    generator = None
+    if sampling.temperature > 0:
+        generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else 0)
+    lengths = [int(n) for n in attention_mask.sum(-1).tolist()]
+    steerer = Steerer(
+        model, steering, layer_map, prompt_lengths=lengths, tokenizer=tokenizer,
+        allow_transient=True,
+    )
+    transient = steerer._transient_cols is not None or any(
+        s.policy.kind == "transient" for s in steerer.apps
+    )
+    out_tokens: list[torch.Tensor] = []
+    out_logits: list[torch.Tensor] = []
+    kls: list[torch.Tensor] = []
+    ref_logprobs: list[torch.Tensor] = []
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    finished_at = [sampling.max_new_tokens] * batch
+    fill = min(eos_set) if eos_set else 0
+    with steerer:
+        cache: Any = None
+        shadow: Any = None
+        if transient:
+            # Prefill all but the newest prompt token without steering: nothing persists.
+            steerer.enabled = False
+            if ids.shape[1] > 1:
+                cache = _cache_of(_forward(model, ids[:, :-1], mask[:, :-1], None))
+            steerer.enabled = True
+            step_ids = ids[:, -1:]
+        else:
+            step_ids = ids
+        for step in range(sampling.max_new_tokens):
+            if transient:
+                backup = None
+                if cache is not None and not _can_crop(cache):
+                    backup = copy.deepcopy(cache)
+                past = 0 if cache is None else mask.shape[1] - step_ids.shape[1]
+                steerer.transient_phase = True
+                out = _forward(model, step_ids, mask, cache)
+                steerer.transient_phase = False
+                logits = out.logits[:, -1, :].float()  # [batch, vocab]
+                cached = _cache_of(out)
+                cache = None if past == 0 and cache is None else _truncate(cached, step_ids.shape[1], backup)
+                steerer.enabled = False
+                plain = _forward(model, step_ids, mask, cache)
+                steerer.enabled = True
+                cache = _cache_of(plain)
+                plain_logits = plain.logits[:, -1, :].float()
+            else:
+                out = _forward(model, step_ids, mask, cache)
+                cache = _cache_of(out)
+                logits = out.logits[:, -1, :].float()
+                plain_logits = None
+                if track_unsteered:
+                    steerer.enabled = False
+                    ref = _forward(model, step_ids, mask, shadow)
+                    steerer.enabled = True
+                    shadow = _cache_of(ref)
+                    plain_logits = ref.logits[:, -1, :].float()
+            token = _pick(logits, sampling, generator)
+            token = torch.where(done, torch.full_like(token, fill), token)
+            if return_logits:
+                out_logits.append(logits.cpu())
+            if track_unsteered and plain_logits is not None:
+                logp = torch.log_softmax(logits, -1)
+                logq = torch.log_softmax(plain_logits, -1)
+                kls.append((logp.exp() * (logp - logq)).sum(-1).cpu())
+                ref_logprobs.append(logq.gather(-1, token[:, None]).squeeze(-1).cpu())
+            out_tokens.append(token.cpu())
+            if sampling.stop_at_eos and eos_set:
+                hit = torch.zeros_like(done)
+                for e in eos_set:
+                    hit |= token == e
+                for r in torch.nonzero(hit & ~done).flatten().tolist():
+                    finished_at[r] = step + 1
+                done |= hit
+                if bool(done.all()):
+                    break
+            step_ids = token[:, None]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    tokens = torch.stack(out_tokens, dim=1)  # [batch, n]
+    return Decoded(
+        tokens=tokens,
+        lengths=[min(f, tokens.shape[1]) for f in finished_at],
+        logits=torch.stack(out_logits, dim=1) if return_logits else None,
+        kl=torch.stack(kls, dim=1) if kls else None,
+        unsteered_logprobs=torch.stack(ref_logprobs, dim=1) if ref_logprobs else None,
+    )
+
+
+def encode_prompts(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    chat: bool = True,
+    system: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render and left-pad prompts into ``input_ids`` and ``attention_mask``."""
+    seqs = [encode(lm.tokenizer, render(lm.tokenizer, p, system=system, chat=chat)) for p in prompts]
+    return pad_batch(seqs, int(lm.tokenizer.pad_token_id), side="left")
+
+
+def generate(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    steering: Sequence[Steering] | Sequence[Sequence[Steering]] = (),
+    sampling: Sampling | None = None,
+    *,
+    chat: bool = True,
+    system: str | None = None,
+    track_unsteered: bool = False,
+) -> tuple[list[str], Decoded]:
+    """Generate completions for text prompts, steered.
+
+    Returns:
+        The decoded completions (without special tokens) and the raw :class:`Decoded`.
+    """
+    ids, mask = encode_prompts(lm, prompts, chat=chat, system=system)
+    result = decode(
+        lm.model, ids, mask, steering, sampling, layer_map=lm.layers, tokenizer=lm.tokenizer,
+        eos_token_id=lm.tokenizer.eos_token_id, track_unsteered=track_unsteered,
+    )
+    texts = [
+        lm.tokenizer.decode(result.tokens[r, : result.lengths[r]].tolist(), skip_special_tokens=True)
+        for r in range(len(prompts))
+    ]
+    return texts, result

@@ -1,0 +1,179 @@
+"""Finding the decoder blocks of a model: an explicit table, then an override, then an error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from steerlab.errors import SteerlabError
+
+# model_type -> dotted path of the decoder-block list (relative to the *ForCausalLM module).
+LAYER_PATHS: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "mixtral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "qwen2_moe": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "phi3": "model.layers",
+    "phi": "model.layers",
+    "olmo": "model.layers",
+    "olmo2": "model.layers",
+    "granite": "model.layers",
+    "smollm3": "model.layers",
+    "gpt2": "transformer.h",
+    "gpt_neo": "transformer.h",
+    "gptj": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "opt": "model.decoder.layers",
+    "falcon": "transformer.h",
+    "bloom": "transformer.h",
+}
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Where the decoder blocks live.
+
+    Attributes:
+        path: dotted path of the block list, e.g. ``model.layers``.
+        blocks: the blocks; layer ``i`` is the output of ``blocks[i]``.
+        base: the module that runs the blocks (its forward gets the attention mask and cache).
+        hidden_size: width of the residual stream.
+    """
+
+    path: str
+    blocks: nn.ModuleList
+    base: nn.Module
+    hidden_size: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+
+def _get(module: nn.Module, path: str) -> nn.Module | None:
+    obj: object = module
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return None
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, nn.Module) else None
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", None) or config
+    for name in ("hidden_size", "n_embd", "d_model", "word_embed_proj_dim"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int):
+            return value
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, nn.Embedding):
+        return int(embeddings.weight.shape[1])
+    raise SteerlabError("cannot tell the model's hidden size; its config has no hidden_size")
+
+
+def find_layers(model: nn.Module, override: str | None = None) -> LayerMap:
+    """Locate the decoder-block list of ``model``.
+
+    Args:
+        model: a Hugging Face causal LM.
+        override: a dotted module path such as ``model.layers`` that replaces the table.
+
+    Raises:
+        SteerlabError: the architecture is unknown and no override was given, or the
+            override does not name a module list.
+    """
+    model_type = str(getattr(getattr(model, "config", None), "model_type", "unknown"))
+    path = override or LAYER_PATHS.get(model_type)
+    if path is None:
+        raise SteerlabError(
+            f"unknown architecture '{model_type}': pass the decoder-block list with "
+            "--layers-path (Python: layers_path=...), e.g. --layers-path model.layers"
+        )
+    blocks = _get(model, path)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise SteerlabError(
+            f"'{path}' is not a list of decoder blocks in this {model_type} model: "
+            "pass the right dotted path with --layers-path, e.g. model.layers"
+        )
+    base_path = path.rsplit(".", 1)[0] if "." in path else ""
+    base = _get(model, base_path) if base_path else model
+    if base is None:
+        base = model
+    hidden = _hidden_size(model)
+    # OPT-350m projects 512 -> 1024; the residual inside the blocks is hidden_size.
+    return LayerMap(path=path, blocks=blocks, base=base, hidden_size=hidden)
+
+
+def resolve_layers(spec: str | int | list[int] | None, num_layers: int) -> list[int]:
+    """Parse a layer selection: ``all``, ``6-18``, ``3,5,-1`` or a list of ints.
+
+    Negative indices count from the end. The result is sorted and unique.
+
+    Raises:
+        SteerlabError: a malformed selection or a layer outside ``0..num_layers-1``.
+    """
+    if spec is None or spec == "all":
+        return list(range(num_layers))
+    items: list[int] = []
+    if isinstance(spec, int):
+        items = [spec]
+    elif isinstance(spec, list):
+        items = list(spec)
+    else:
+        for part in str(spec).replace(" ", "").split(","):
+            if not part:
+                continue
+            try:
+                if "-" in part[1:]:
+                    cut = part.index("-", 1)
+                    lo, hi = int(part[:cut]), int(part[cut + 1 :])
+                    lo, hi = _norm(lo, num_layers), _norm(hi, num_layers)
+                    if hi < lo:
+                        raise SteerlabError(f"layer range '{part}' is empty: write it low-high")
+                    items.extend(range(lo, hi + 1))
+                else:
+                    items.append(int(part))
+            except ValueError:
+                raise SteerlabError(
+                    f"cannot read layers '{spec}': use 'all', a range like 6-18, "
+                    "or a list like 3,5,-1"
+                ) from None
+    out = sorted({_norm(i, num_layers) for i in items})
+    if not out:
+        raise SteerlabError(f"no layers selected by '{spec}': use 'all', 6-18 or 3,5")
+    return out
+
+
+def _norm(index: int, num_layers: int) -> int:
+    value = index + num_layers if index < 0 else index
+    if not 0 <= value < num_layers:
+        raise SteerlabError(
+            f"layer {index} does not exist: this model has layers 0..{num_layers - 1} "
+            f"(negative indices count from the end)"
+        )
+    return value
+
+
+def block_output(output: object) -> torch.Tensor:
+    """The residual-stream tensor in a decoder block's output (a tensor or a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"unexpected decoder block output of type {type(output).__name__}")
+
+
+def replace_block_output(output: object, hidden: torch.Tensor) -> object:
+    """``output`` with its residual-stream tensor replaced by ``hidden``."""
+    if isinstance(output, torch.Tensor):
+        return hidden
+    assert isinstance(output, tuple)
+    return (hidden, *output[1:])

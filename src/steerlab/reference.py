@@ -1,0 +1,100 @@
+"""The reference semantics of ../shared/DESIGN.md, written plainly: no cache, no batching.
+
+At every step the whole sequence is recomputed from scratch and each steering adds its
+vector at exactly the positions its policy names. Slow on purpose; the tests hold the
+fast implementations in :mod:`steerlab.steering` and :mod:`steerlab.generation` to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from steerlab.layers import LayerMap, block_output, find_layers, replace_block_output
+from steerlab.policy import marker_end
+from steerlab.steering import Steering
+
+
+def steered_positions(steering: Steering, prompt_len: int, seq_len: int, marker_at: int = 0) -> list[int]:
+    """The set S of DESIGN.md for one sequence of ``seq_len`` tokens, as a sorted list."""
+    kind = steering.policy.kind
+    if kind == "all":
+        return list(range(seq_len))
+    if kind == "after-prompt":
+        return list(range(prompt_len - 1, seq_len))
+    if kind == "from-marker":
+        return list(range(marker_at, seq_len))
+    if kind == "prompt":
+        return list(range(min(prompt_len, seq_len)))
+    if kind == "actadd":
+        return list(range(min(steering.vector.rows, seq_len)))
+    return [seq_len - 1]  # transient: the newest position only, recomputed every step
+
+
+@torch.no_grad()
+def reference_logits(
+    model: nn.Module,
+    ids: Sequence[int],
+    prompt_len: int,
+    steerings: Sequence[Steering],
+    layer_map: LayerMap | None = None,
+    tokenizer: Any = None,
+) -> torch.Tensor:
+    """Logits ``[seq, vocab]`` of one unpadded sequence with each steering at its set S."""
+    layer_map = layer_map or find_layers(model)
+    handles = []
+    try:
+        for s in steerings:
+            if s.multiplier == 0.0:
+                continue
+            marker_at = 0
+            if s.policy.kind == "from-marker":
+                marker_at = marker_end(tokenizer, list(ids[:prompt_len]), str(s.policy.marker))
+            positions = steered_positions(s, prompt_len, len(ids), marker_at)
+            for layer in s.layers or ():
+                delta = s.delta(layer)
+
+                def hook(
+                    module: nn.Module, args: Any, output: Any,
+                    delta: torch.Tensor = delta, positions: list[int] = positions,
+                    actadd: bool = s.policy.kind == "actadd",
+                ) -> Any:
+                    hidden = block_output(output).clone()  # [1, seq, d]
+                    for t in positions:
+                        row = delta[t] if actadd else delta
+                        hidden[0, t] = hidden[0, t] + row.to(hidden.dtype)
+                    return replace_block_output(output, hidden)
+
+                handles.append(layer_map.blocks[layer].register_forward_hook(hook))
+        tensor = torch.tensor([list(ids)], device=model.get_input_embeddings().weight.device)
+        return model(input_ids=tensor, use_cache=False).logits[0].float()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def reference_generate(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    steerings: Sequence[Steering],
+    max_new_tokens: int,
+    layer_map: LayerMap | None = None,
+    tokenizer: Any = None,
+) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding by full recomputation at every step.
+
+    Returns:
+        The generated ids and the per-step logits ``[n, vocab]``.
+    """
+    seq = list(prompt_ids)
+    prompt_len = len(seq)
+    steps = []
+    for _ in range(max_new_tokens):
+        logits = reference_logits(model, seq, prompt_len, steerings, layer_map, tokenizer)[-1]
+        steps.append(logits)
+        seq.append(int(logits.argmax()))
+    return seq[prompt_len:], torch.stack(steps)

@@ -1,0 +1,363 @@
+"""The steering vector: an immutable, self-describing value with safe file formats."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from steerlab.errors import SteerlabError
+
+FORMAT_VERSION = 1
+LAYER_CONVENTION = "block-output"  # layer l = output of decoder block l = hidden_states[l + 1]
+_META_KEY = "steerlab"
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+
+
+def _version() -> str:
+    from steerlab import __version__
+
+    return __version__
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model a vector was made on."""
+
+    name: str
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Which data a vector was made from."""
+
+    path: str
+    sha256: str
+    size: int
+    format: str
+
+
+@dataclass(frozen=True)
+class SteeringVector:
+    """Per-layer steering directions plus what they are and where they came from.
+
+    A direction is ``[d]`` for an ordinary vector or ``[k, d]`` for a position-wise
+    (ActAdd) vector whose row ``i`` is added at prompt position ``i``. Every operation
+    returns a new object; tensors are cloned on the way in and kept on the CPU in float32.
+
+    Attributes:
+        directions: layer index -> tensor.
+        model: identity of the model the vector belongs to.
+        method: how it was made (``mean-diff``, ``pca-diff``, ``logistic``, ``actadd``,
+            ``imported``, or an arithmetic expression).
+        read_position: ``answer``, ``last``, ``mean`` or ``all`` (ActAdd).
+        residual_norms: layer -> mean residual-stream norm of the read activations.
+        dataset: the extraction data, if any.
+        layer_convention: always ``block-output``.
+        steerlab_version: the version that made it.
+        created: ISO-8601 UTC time of creation.
+        notes: free-form extra metadata (e.g. number of pairs).
+    """
+
+    directions: Mapping[int, torch.Tensor]
+    model: ModelIdentity
+    method: str = "mean-diff"
+    read_position: str = "answer"
+    residual_norms: Mapping[int, float] = field(default_factory=dict)
+    dataset: DatasetInfo | None = None
+    layer_convention: str = LAYER_CONVENTION
+    steerlab_version: str = field(default_factory=_version)
+    created: str = field(
+        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
+    )
+    notes: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.directions:
+            raise ValueError("directions is empty: a steering vector needs at least one layer")
+        clean: dict[int, torch.Tensor] = {}
+        shape: tuple[int, ...] | None = None
+        for layer in sorted(self.directions):
+            tensor = self.directions[layer]
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() not in (1, 2):
+                raise ValueError(f"direction for layer {layer} must be a [d] or [k, d] tensor")
+            if tensor.shape[-1] != self.model.hidden_size:
+                raise ValueError(
+                    f"direction for layer {layer} has width {tensor.shape[-1]}, but the model's "
+                    f"hidden size is {self.model.hidden_size}"
+                )
+            if not 0 <= int(layer) < self.model.num_layers:
+                raise ValueError(
+                    f"layer {layer} is outside 0..{self.model.num_layers - 1} for this model"
+                )
+            if shape is not None and tuple(tensor.shape) != shape:
+                raise ValueError("all layers of a vector must have the same shape")
+            shape = tuple(tensor.shape)
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"direction for layer {layer} contains NaN or infinity")
+            clean[int(layer)] = tensor.detach().to("cpu", torch.float32).clone()
+        object.__setattr__(self, "directions", MappingProxyType(clean))
+        object.__setattr__(
+            self,
+            "residual_norms",
+            MappingProxyType({int(k): float(v) for k, v in self.residual_norms.items()}),
+        )
+        object.__setattr__(self, "notes", MappingProxyType(dict(self.notes)))
+
+    # ----- shape -------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        """The layers this vector has, ascending."""
+        return list(self.directions)
+
+    @property
+    def positionwise(self) -> bool:
+        """True for a ``[k, d]`` ActAdd vector."""
+        return next(iter(self.directions.values())).dim() == 2
+
+    @property
+    def rows(self) -> int:
+        """k for a position-wise vector, 1 otherwise."""
+        first = next(iter(self.directions.values()))
+        return int(first.shape[0]) if first.dim() == 2 else 1
+
+    def norms(self) -> dict[int, float]:
+        """Frobenius norm of each layer's direction."""
+        return {layer: float(t.norm()) for layer, t in self.directions.items()}
+
+    # ----- arithmetic (each returns a new vector) ------------------------------------------
+    def _with(self, directions: Mapping[int, torch.Tensor], method: str) -> SteeringVector:
+        return replace(self, directions=dict(directions), method=method)
+
+    def scale(self, factor: float) -> SteeringVector:
+        """Every direction multiplied by ``factor``."""
+        if not math.isfinite(factor):
+            raise ValueError(f"scale factor must be finite, got {factor}")
+        return self._with({k: v * factor for k, v in self.directions.items()}, self.method)
+
+    def __mul__(self, factor: float) -> SteeringVector:
+        return self.scale(float(factor))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> SteeringVector:
+        return self.scale(-1.0)
+
+    def _combine(self, other: SteeringVector, sign: float, symbol: str) -> SteeringVector:
+        if (self.model.hidden_size, self.model.num_layers) != (
+            other.model.hidden_size,
+            other.model.num_layers,
+        ):
+            raise ValueError("cannot combine vectors made for models of different shapes")
+        if self.positionwise != other.positionwise or (
+            self.positionwise and self.rows != other.rows
+        ):
+            raise ValueError("cannot combine a position-wise vector with a different shape")
+        out: dict[int, torch.Tensor] = {}
+        for layer in sorted(set(self.directions) | set(other.directions)):
+            a = self.directions.get(layer)
+            b = other.directions.get(layer)
+            if a is None:
+                assert b is not None
+                out[layer] = sign * b
+            elif b is None:
+                out[layer] = a
+            else:
+                out[layer] = a + sign * b
+        return self._with(out, f"({self.method} {symbol} {other.method})")
+
+    def __add__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, 1.0, "+")
+
+    def __sub__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, -1.0, "-")
+
+    def normalize(self) -> SteeringVector:
+        """Each layer's direction scaled to unit norm (zero directions stay zero)."""
+        out = {k: v / v.norm() if float(v.norm()) > 0 else v for k, v in self.directions.items()}
+        return self._with(out, self.method)
+
+    def select(self, layers: Iterable[int]) -> SteeringVector:
+        """Only the given layers.
+
+        Raises:
+            SteerlabError: a requested layer is not in the vector.
+        """
+        chosen = list(layers)
+        missing = [layer for layer in chosen if layer not in self.directions]
+        if missing:
+            raise SteerlabError(
+                f"the vector has no layer {missing[0]}: it has layers {_span(self.layers)}"
+            )
+        return replace(
+            self,
+            directions={k: self.directions[k] for k in chosen},
+            residual_norms={k: v for k, v in self.residual_norms.items() if k in chosen},
+        )
+
+    def to_tensor(self, layer: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """The direction for ``layer`` on ``device`` in ``dtype`` (a copy)."""
+        return self.directions[layer].to(device=device, dtype=dtype)
+
+    # ----- compatibility ------------------------------------------------------------------
+    def check_model(
+        self, model: ModelIdentity, allow_mismatch: bool = False
+    ) -> list[str]:
+        """Check that this vector fits ``model``.
+
+        Returns:
+            Warnings (e.g. an unknown fingerprint); empty when everything matches.
+
+        Raises:
+            SteerlabError: a different hidden size or layer count, or a different model of
+                the same shape without ``allow_mismatch``.
+        """
+        mine = self.model
+        if mine.hidden_size != model.hidden_size:
+            raise SteerlabError(
+                f"the vector is for hidden size {mine.hidden_size} ({mine.name}), but the "
+                f"model has {model.hidden_size}: extract a vector for this model"
+            )
+        if max(self.layers) >= model.num_layers or (
+            mine.num_layers and mine.num_layers != model.num_layers
+        ):
+            raise SteerlabError(
+                f"the vector is for a {mine.num_layers}-layer model ({mine.name}), but this "
+                f"model has {model.num_layers} layers: extract a vector for this model"
+            )
+        if mine.fingerprint is None:
+            return [f"the vector does not record its model's weights (made for {mine.name})"]
+        if mine.fingerprint != model.fingerprint:
+            if not allow_mismatch:
+                raise SteerlabError(
+                    f"the vector was made on another model ({mine.name}, fingerprint "
+                    f"{mine.fingerprint}) of the same shape: pass --allow-model-mismatch "
+                    "(Python: allow_mismatch=True) to transfer it"
+                )
+            return [f"transferring a vector made on {mine.name} to {model.name}"]
+        return []
+
+    # ----- files --------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the tensors, as JSON-ready data."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": vars(self.model).copy(),
+            "method": self.method,
+            "read_position": self.read_position,
+            "residual_norms": {str(k): v for k, v in self.residual_norms.items()},
+            "dataset": None if self.dataset is None else vars(self.dataset).copy(),
+            "layer_convention": self.layer_convention,
+            "steerlab_version": self.steerlab_version,
+            "created": self.created,
+            "notes": dict(self.notes),
+            "layers": self.layers,
+            "shape": list(next(iter(self.directions.values())).shape),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the vector as safetensors with a JSON metadata header, atomically."""
+        from safetensors.torch import save_file
+
+        target = Path(path)
+        tensors = {f"layer.{k}": v.contiguous() for k, v in self.directions.items()}
+        header = {_META_KEY: json.dumps(self.metadata(), sort_keys=True)}
+        _atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=header))
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> SteeringVector:
+        """Read a vector file (safetensors, or a llama.cpp control-vector GGUF).
+
+        Never unpickles: ``.pt``/pickle files are refused.
+
+        Raises:
+            SteerlabError: a missing, pickled, foreign or corrupt file.
+        """
+        source = Path(path)
+        if not source.is_file():
+            raise SteerlabError(f"vector file '{path}' does not exist: check the path")
+        with source.open("rb") as handle:
+            magic = handle.read(8)
+        if source.suffix.lower() in _PICKLE_SUFFIXES or magic[:2] in (b"\x80\x02", b"\x80\x04", b"PK"):
+            raise SteerlabError(
+                f"'{path}' is a pickle/torch file, which steerlab never loads (it can run code): "
+                "convert it to safetensors with the tool that made it"
+            )
+        if magic[:4] == b"GGUF":
+            from steerlab.llamacpp import import_gguf
+
+            return import_gguf(source)
+        return _load_safetensors(source)
+
+
+def _span(layers: list[int]) -> str:
+    if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(str(x) for x in layers)
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``target``; never leave half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load_safetensors(source: Path) -> SteeringVector:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(source), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise SteerlabError(
+            f"'{source}' is not a readable safetensors file ({type(exc).__name__}): "
+            "pass a vector written by `steerlab extract` or a llama.cpp .gguf control vector"
+        ) from None
+    if _META_KEY not in header:
+        raise SteerlabError(
+            f"'{source}' has no steerlab metadata: it is not a steerlab vector "
+            "(import llama.cpp/repeng files with `steerlab vector import-gguf`)"
+        )
+    try:
+        meta = json.loads(header[_META_KEY])
+        directions = {int(k.split(".", 1)[1]): v for k, v in tensors.items()}
+        dataset = meta.get("dataset")
+        return SteeringVector(
+            directions=directions,
+            model=ModelIdentity(**meta["model"]),
+            method=meta["method"],
+            read_position=meta["read_position"],
+            residual_norms={int(k): float(v) for k, v in meta["residual_norms"].items()},
+            dataset=None if dataset is None else DatasetInfo(**dataset),
+            layer_convention=meta["layer_convention"],
+            steerlab_version=meta["steerlab_version"],
+            created=meta["created"],
+            notes=meta.get("notes", {}),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SteerlabError(
+            f"'{source}' has broken steerlab metadata ({exc}): re-extract the vector"
+        ) from None
