@@ -102,4 +102,7 @@ def model(arch: str = "llama", layers: int = 4, hidden: int = 32, seed: int = 0)
             if p.dim() >= 2:
                 p.normal_(0, 0.3)
     net.eval()
+    # Tests compare fixed-length greedy runs: HF generate must not stop at (or suppress) EOS.
+    net.generation_config.eos_token_id = None
+    net.generation_config.pad_token_id = 0
     return describe(net, tokenizer(), name=f"tiny-{arch}")

@@ -181,46 +181,47 @@ def decode(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     finished_at = [sampling.max_new_tokens] * batch
     fill = min(eos_set) if eos_set else 0
+    persisting = any(s.policy.kind != "transient" for s in steerer.apps)
     with steerer:
         cache: Any = None
         shadow: Any = None
         if transient:
-            # Prefill all but the newest prompt token without steering: nothing persists.
-            steerer.enabled = False
+            # Prefill all but the newest prompt token; transient steering is off there.
             if ids.shape[1] > 1:
                 cache = _cache_of(_forward(model, ids[:, :-1], mask[:, :-1], None))
-            steerer.enabled = True
             step_ids = ids[:, -1:]
         else:
             step_ids = ids
         for step in range(sampling.max_new_tokens):
+            plain_logits: torch.Tensor | None = None
             if transient:
                 backup = None
                 if cache is not None and not _can_crop(cache):
                     backup = copy.deepcopy(cache)
-                past = 0 if cache is None else mask.shape[1] - step_ids.shape[1]
+                # Pass 1: the newest position steered, for this step's logits only.
                 steerer.transient_phase = True
                 out = _forward(model, step_ids, mask, cache)
                 steerer.transient_phase = False
                 logits = out.logits[:, -1, :].float()  # [batch, vocab]
-                cached = _cache_of(out)
-                cache = None if past == 0 and cache is None else _truncate(cached, step_ids.shape[1], backup)
-                steerer.enabled = False
-                plain = _forward(model, step_ids, mask, cache)
-                steerer.enabled = True
-                cache = _cache_of(plain)
-                plain_logits = plain.logits[:, -1, :].float()
+                if cache is None:  # a one-token prompt: nothing cached yet
+                    cache = None
+                else:
+                    cache = _truncate(_cache_of(out), step_ids.shape[1], backup)
+                # Pass 2: the same token without transient steering; its keys/values persist.
+                kept = _forward(model, step_ids, mask, cache)
+                cache = _cache_of(kept)
+                if not persisting:
+                    plain_logits = kept.logits[:, -1, :].float()
             else:
                 out = _forward(model, step_ids, mask, cache)
                 cache = _cache_of(out)
                 logits = out.logits[:, -1, :].float()
-                plain_logits = None
-                if track_unsteered:
-                    steerer.enabled = False
-                    ref = _forward(model, step_ids, mask, shadow)
-                    steerer.enabled = True
-                    shadow = _cache_of(ref)
-                    plain_logits = ref.logits[:, -1, :].float()
+            if track_unsteered and plain_logits is None:
+                steerer.enabled = False
+                ref = _forward(model, step_ids if step or not transient else ids, mask, shadow)
+                steerer.enabled = True
+                shadow = _cache_of(ref)
+                plain_logits = ref.logits[:, -1, :].float()
             token = _pick(logits, sampling, generator)
             token = torch.where(done, torch.full_like(token, fill), token)
             if return_logits:
@@ -289,3 +290,31 @@ def generate(
         for r in range(len(prompts))
     ]
     return texts, result
+
+
+def generate_multipliers(
+    lm: LoadedModel,
+    prompt: str,
+    steerings: Sequence[Steering],
+    multipliers: Sequence[float],
+    sampling: Sampling | None = None,
+    *,
+    chat: bool = True,
+    system: str | None = None,
+) -> list[tuple[float, str]]:
+    """One prompt, unsteered and at each multiplier, in one batch (one row per multiplier).
+
+    Args:
+        steerings: the steerings to apply; each row scales all of them by its multiplier.
+        multipliers: the values to try; 0 is the unsteered row.
+
+    Returns:
+        ``(multiplier, completion)`` pairs, the unsteered one first.
+    """
+    values = [0.0] + [m for m in multipliers if m != 0.0]
+    rows = [
+        [Steering(s.vector, s.multiplier * m, s.layers, s.policy, s.scale) for s in steerings]
+        for m in values
+    ]
+    texts, _ = generate(lm, [prompt] * len(values), rows, sampling, chat=chat, system=system)
+    return list(zip(values, texts, strict=True))

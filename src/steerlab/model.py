@@ -136,6 +136,8 @@ def convert_gguf(path: Path) -> Path:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet()
+
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
@@ -223,6 +225,14 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return table[dtype]
 
 
+def _quiet() -> None:
+    """Hide transformers' per-tensor progress bars; steerlab shows its own status."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     device: str | None = None,
@@ -246,6 +256,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet()
     cache_dir: str | None = None
     if spec in ALIASES:
         source = resolve_alias(spec)

@@ -217,9 +217,9 @@ class Steerer:
 
     # ----- per forward: positions and the steering matrix --------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._forward = None
         if id(self) not in _ACTIVE.get():
-            return
+            return  # another thread's forward: leave this call's state alone
+        self._forward = None
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         x = ids if ids is not None else embeds
@@ -253,9 +253,10 @@ class Steerer:
             factor = batch // lo.shape[0]
             lo, hi = lo.repeat_interleave(factor, dim=0), hi.repeat_interleave(factor, dim=0)
         if self._transient_cols is not None:
+            # Transient steerings: the newest position of their own rows, in the logits pass.
             newest = t[:, -1:].expand(batch, lo.shape[1])  # [batch, A]
-            on = self._transient_cols.to(device) & self.transient_phase
-            lo = torch.where(on, newest, torch.where(self._transient_cols.to(device), _FAR, lo))
+            on = self._transient_cols.to(device) & (hi == _FAR - 1)
+            lo = torch.where(on & self.transient_phase, newest, torch.where(on, _FAR, lo))
         if not self.enabled:
             return
         tt = t.unsqueeze(-1)  # [batch, cur, 1]
@@ -305,6 +306,7 @@ class Steerer:
                     lo[r, a], hi[r, a] = 0, s.vector.rows
                 elif kind == "transient":
                     transient[a] = True
+                    hi[r, a] = _FAR - 1  # marks the rows this transient steering belongs to
                 elif kind == "from-marker":
                     if ids is None:
                         raise SteerlabError("policy from-marker needs input_ids, not embeddings")

@@ -232,7 +232,7 @@ class SteeringVector:
                 f"model has {model.hidden_size}: extract a vector for this model"
             )
         if max(self.layers) >= model.num_layers or (
-            mine.num_layers and mine.num_layers != model.num_layers
+            mine.fingerprint is not None and mine.num_layers != model.num_layers
         ):
             raise SteerlabError(
                 f"the vector is for a {mine.num_layers}-layer model ({mine.name}), but this "

@@ -1,0 +1,257 @@
+"""The ``steerlab`` command: thin wrappers that parse, call one library function, and print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from steerlab.errors import SteerlabError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Activation steering: extract vectors, steer generation with exact position policies, evaluate, serve.",
+)
+vector_app = typer.Typer(no_args_is_help=True, help="Inspect, convert and edit vector files.")
+app.add_typer(vector_app, name="vector")
+out = Console()
+err = Console(stderr=True)
+
+ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="Alias, .gguf file, model directory or HF id.")
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto (device_map=auto).")
+DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto.")
+LayersPathOpt = typer.Option(None, "--layers-path", help="Dotted path of the decoder blocks, e.g. model.layers.")
+
+
+def _load(model: str, device: str | None, dtype: str | None, layers_path: str | None = None) -> Any:
+    from steerlab.model import load_model
+
+    with err.status(f"loading {model}"):
+        return load_model(model, device=device, dtype=dtype, layers_path=layers_path)
+
+
+@app.command()
+def info(
+    model: str = typer.Argument("smollm2-135m", help="Alias, .gguf file, model directory or HF id."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    layers_path: Optional[str] = LayersPathOpt,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Describe a model: architecture, layers, hidden size, dtype, device, files."""
+    lm = _load(model, device, dtype, layers_path)
+    data = vars(lm.info)
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    table = Table(show_header=False, box=None)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in data.items():
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+@app.command()
+def extract(
+    dataset: Path = typer.Argument(..., help="JSONL, JSON or CSV dataset (or positive texts with --negatives)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the .safetensors vector."),
+    model: str = ModelOpt,
+    layers: str = typer.Option("all", "--layers", "-l", help="all, 6-18, 3,5,-1 ..."),
+    method: str = typer.Option("mean-diff", "--method", help="mean-diff, pca-diff or logistic."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="ab, yesno, pairs, unpaired or actadd (default: detect)."),
+    negatives: Optional[Path] = typer.Option(None, "--negatives", help="Negative texts for an unpaired set."),
+    read_position: str = typer.Option("auto", "--read-position", help="auto, answer, last or mean."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Sequences per forward pass."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt for the chat template."),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Render through the chat template."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    layers_path: Optional[str] = LayersPathOpt,
+) -> None:
+    """Extract a steering vector from a contrastive dataset."""
+    from steerlab.dataset import load_dataset
+    from steerlab.extraction import extract as run
+
+    if output.suffix.lower() != ".safetensors":
+        raise SteerlabError(f"output '{output}' must end in .safetensors (GGUF: `steerlab vector export-gguf`)")
+    data = load_dataset(dataset, fmt, negatives)  # type: ignore[arg-type]
+    for warning in data.warnings:
+        err.print(f"[yellow]warning:[/] {warning}")
+    lm = _load(model, device, dtype, layers_path)
+    vec = run(
+        lm, data, layers, method=method, read_position=read_position, batch_size=batch_size,
+        chat=chat, system=system, progress=sys.stderr.isatty(),
+    )
+    vec.save(output)
+    out.print(f"wrote {output}: {len(vec.layers)} layers, {method}, read at {vec.read_position}, {len(data)} examples")
+
+
+@vector_app.command("show")
+def vector_show(path: Path = typer.Argument(..., help="A .safetensors or .gguf vector."),
+                as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Print a vector's metadata and per-layer norms."""
+    from steerlab.vector import SteeringVector
+
+    vec = SteeringVector.load(path)
+    meta = vec.metadata()
+    meta["norms"] = {str(k): v for k, v in vec.norms().items()}
+    if as_json:
+        out.print_json(json.dumps(meta, sort_keys=True))
+        return
+    summary = Table(show_header=False, box=None)
+    for key in ("model", "method", "read_position", "layer_convention", "dataset", "steerlab_version", "created", "shape", "notes"):
+        summary.add_row(key, json.dumps(meta[key], sort_keys=True) if isinstance(meta[key], (dict, list)) else str(meta[key]))
+    out.print(summary)
+    table = Table("layer", "norm", "residual norm", "ratio")
+    for layer, norm in vec.norms().items():
+        res = vec.residual_norms.get(layer)
+        table.add_row(str(layer), f"{norm:.4g}", "-" if res is None else f"{res:.4g}", "-" if not res else f"{norm / res:.3f}")
+    out.print(table)
+
+
+@vector_app.command("export-gguf")
+def vector_export(path: Path = typer.Argument(..., help="A steerlab vector."),
+                  output: Path = typer.Option(..., "--output", "-o", help="The .gguf to write.")) -> None:
+    """Write a llama.cpp control vector (direction.N = output of block N)."""
+    from steerlab.llamacpp import export_gguf
+    from steerlab.vector import SteeringVector
+
+    export_gguf(SteeringVector.load(path), output)
+    out.print(f"wrote {output}")
+
+
+@vector_app.command("import-gguf")
+def vector_import(path: Path = typer.Argument(..., help="A llama.cpp or repeng control-vector .gguf."),
+                  output: Path = typer.Option(..., "--output", "-o", help="The .safetensors to write.")) -> None:
+    """Convert a llama.cpp/repeng control vector to a steerlab vector file."""
+    from steerlab.llamacpp import import_gguf
+
+    vec = import_gguf(path)
+    vec.save(output)
+    out.print(f"wrote {output}: layers {','.join(map(str, vec.layers))}")
+
+
+@vector_app.command("select")
+def vector_select(path: Path = typer.Argument(..., help="A vector file."),
+                  layers: str = typer.Option(..., "--layers", "-l", help="Layers to keep: 6-18, 3,5 ..."),
+                  output: Path = typer.Option(..., "--output", "-o", help="The .safetensors to write."),
+                  scale: float = typer.Option(1.0, "--scale", help="Multiply the kept directions by this.")) -> None:
+    """Keep some layers of a vector (and optionally scale it)."""
+    from steerlab.layers import resolve_layers
+    from steerlab.vector import SteeringVector
+
+    vec = SteeringVector.load(path)
+    chosen = resolve_layers(layers, vec.model.num_layers or max(vec.layers) + 1)
+    vec.select(chosen).scale(scale).save(output)
+    out.print(f"wrote {output}: layers {','.join(map(str, chosen))}")
+
+
+def _steerings(vector: Path, layers: Optional[str], policy: str, scale: str, lm: Any, allow_mismatch: bool) -> list[Any]:
+    from steerlab.layers import resolve_layers
+    from steerlab.model import ModelInfo
+    from steerlab.steering import Steering
+    from steerlab.vector import ModelIdentity, SteeringVector
+
+    vec = SteeringVector.load(vector)
+    info: ModelInfo = lm.info
+    for warning in vec.check_model(
+        ModelIdentity(info.name, info.architecture, info.hidden_size, info.num_layers, info.fingerprint),
+        allow_mismatch,
+    ):
+        err.print(f"[yellow]warning:[/] {warning}")
+    chosen = None if layers is None else tuple(resolve_layers(layers, info.num_layers))
+    return [Steering(vec, 1.0, chosen, policy, scale)]  # type: ignore[arg-type]
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The user prompt."),
+    vector: Path = typer.Option(..., "--vector", "-v", help="A .safetensors or .gguf vector."),
+    model: str = ModelOpt,
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Layers to steer (default: all of the vector's)."),
+    multiplier: list[float] = typer.Option([4.0], "--multiplier", "-x", help="Repeat for several values."),
+    policy: str = typer.Option("after-prompt", "--policy", "-p", help="all, after-prompt, from-marker:STR, prompt, actadd, transient."),
+    scale: str = typer.Option("absolute", "--scale", help="absolute, or relative to the stored residual norm."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Render through the chat template."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch", help="Apply a vector made on another model of the same shape."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+) -> None:
+    """Print the unsteered and steered completions of a prompt side by side."""
+    from steerlab.generation import Sampling, generate_multipliers
+
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    lm = _load(model, device, dtype)
+    steerings = _steerings(vector, layer, policy, scale, lm, allow_model_mismatch)
+    if steerings[0].policy.kind == "from-marker":
+        from steerlab.chat import render
+
+        text = render(lm.tokenizer, prompt, system=system, chat=chat).text
+        if str(steerings[0].policy.marker) not in text:
+            raise SteerlabError(
+                f"the from-marker string {steerings[0].policy.marker!r} does not occur in the "
+                "rendered prompt: pick a marker it contains, or another policy"
+            )
+    results = generate_multipliers(lm, prompt, steerings, multiplier, sampling, chat=chat, system=system)
+    if as_json:
+        payload = {
+            "prompt": prompt,
+            "policy": str(steerings[0].policy),
+            "layers": list(steerings[0].layers or ()),
+            "scale": scale,
+            "completions": [{"multiplier": m, "text": t} for m, t in results],
+        }
+        out.print_json(json.dumps(payload))
+        return
+    titles = ["unsteered" if m == 0 else f"steered x{m:g}" for m, _ in results]
+    if out.width >= 40 * len(results):
+        table = Table(*titles, show_lines=True)
+        table.add_row(*[t for _, t in results])
+        out.print(table)
+    else:
+        for title, (_, text) in zip(titles, results, strict=True):
+            out.rule(title)
+            out.print(text)
+
+
+def main() -> None:
+    """Entry point: one-line errors with exit status 2, never a traceback for bad input."""
+    import click
+
+    command = typer.main.get_command(app)
+    try:
+        command.main(standalone_mode=False)
+    except SteerlabError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, markup=True)
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err.print("interrupted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        err.print(f"[red]error:[/] {exc.strerror}: '{exc.filename}': check the path", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""llama.cpp control vectors: GGUF export and import (also reads repeng's files).
+
+llama.cpp adds tensor ``direction.N`` to the output of block N, the same numbering as
+steerlab's layer N; it cannot steer N = 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from steerlab.errors import SteerlabError
+from steerlab.vector import ModelIdentity, SteeringVector, _atomic_write
+
+ARCH = "controlvector"
+_META = "steerlab.metadata"
+
+
+def export_gguf(vector: SteeringVector, path: str | Path) -> Path:
+    """Write ``vector`` as a llama.cpp control vector, atomically.
+
+    Raises:
+        SteerlabError: the vector has layer 0 or is position-wise (llama.cpp supports neither).
+    """
+    import gguf
+
+    if vector.positionwise:
+        raise SteerlabError(
+            "llama.cpp control vectors add one vector at every position: a position-wise "
+            "(ActAdd) vector cannot be exported"
+        )
+    if 0 in vector.directions:
+        raise SteerlabError(
+            "llama.cpp cannot steer layer 0: drop it first with `steerlab vector select FILE "
+            "--layers 1-...` or extract without layer 0"
+        )
+    target = Path(path)
+
+    def write(tmp: str) -> None:
+        writer = gguf.GGUFWriter(tmp, ARCH)
+        writer.add_string(f"{ARCH}.model_hint", vector.model.architecture)
+        writer.add_uint32(f"{ARCH}.layer_count", vector.model.num_layers)
+        writer.add_string(_META, json.dumps(vector.metadata(), sort_keys=True))
+        for layer, tensor in vector.directions.items():
+            writer.add_tensor(f"direction.{layer}", tensor.numpy().astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    _atomic_write(target, write)
+    return target
+
+
+def _field_str(reader: object, name: str) -> str | None:
+    field = reader.get_field(name)  # type: ignore[attr-defined]
+    if field is None:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def _field_int(reader: object, name: str) -> int | None:
+    field = reader.get_field(name)  # type: ignore[attr-defined]
+    if field is None:
+        return None
+    return int(field.parts[field.data[0]][0])
+
+
+def import_gguf(path: str | Path) -> SteeringVector:
+    """Read a llama.cpp/repeng control-vector GGUF.
+
+    A file written by steerlab gets its full metadata back; other files get what the GGUF
+    says (architecture hint, layer count, width) and no weight fingerprint.
+
+    Raises:
+        SteerlabError: not a control-vector GGUF, or no ``direction.N`` tensors.
+    """
+    import gguf
+
+    source = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(source))
+    except Exception as exc:
+        raise SteerlabError(f"cannot read GGUF file '{path}' ({type(exc).__name__}): check the file") from None
+    directions: dict[int, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        if not tensor.name.startswith("direction."):
+            continue
+        try:
+            layer = int(tensor.name.split(".", 1)[1])
+        except ValueError:
+            continue
+        directions[layer] = torch.from_numpy(np.array(tensor.data, dtype=np.float32).reshape(-1))
+    if not directions:
+        raise SteerlabError(
+            f"'{path}' holds no control vector (no direction.N tensors): pass a llama.cpp "
+            "control-vector GGUF, not a model"
+        )
+    meta_text = _field_str(reader, _META)
+    if meta_text:
+        from steerlab.vector import DatasetInfo
+
+        meta = json.loads(meta_text)
+        dataset = meta.get("dataset")
+        return SteeringVector(
+            directions=directions,
+            model=ModelIdentity(**meta["model"]),
+            method=meta["method"],
+            read_position=meta["read_position"],
+            residual_norms={int(k): float(v) for k, v in meta["residual_norms"].items()},
+            dataset=None if dataset is None else DatasetInfo(**dataset),
+            steerlab_version=meta["steerlab_version"],
+            created=meta["created"],
+            notes=meta.get("notes", {}),
+        )
+    hint = _field_str(reader, f"{ARCH}.model_hint") or "unknown"
+    count = _field_int(reader, f"{ARCH}.layer_count") or 0
+    width = int(next(iter(directions.values())).shape[0])
+    # repeng writes the number of directions as layer_count; never below the highest index.
+    num_layers = max(count, max(directions) + 1)
+    return SteeringVector(
+        directions=directions,
+        model=ModelIdentity(name=f"gguf:{source.name}", architecture=hint, hidden_size=width, num_layers=num_layers),
+        method="imported",
+        read_position="unknown",
+        notes={"imported_from": str(source), "gguf_layer_count": count},
+    )
