@@ -13,7 +13,7 @@ from steerlab import Sampling, Steering, SteerlabError, decode, steer
 from steerlab.chat import pad_batch
 from steerlab.layers import block_output
 from steerlab.policy import Policy
-from steerlab.reference import reference_generate, reference_logits
+from steerlab.reference import reference_generate
 
 EQUIV_ARCHS = ["llama", "gpt2", "gpt_neox", "qwen2", "gemma2", "opt", "phi3", "mistral"]
 PERSISTING = ["all", "after-prompt", "from-marker:h", "prompt", "actadd"]
@@ -45,9 +45,20 @@ def test_batched_cached_equals_uncached_reference(arch_model, policy):
     s = [_steering(lm, policy)]
     seqs = _ids(lm)
     ids, mask = pad_batch(seqs, lm.tokenizer.pad_token_id)
-    out = decode(lm.model, ids, mask, s, GREEDY, layer_map=lm.layers, tokenizer=lm.tokenizer, return_logits=True)
+    out = decode(
+        lm.model,
+        ids,
+        mask,
+        s,
+        GREEDY,
+        layer_map=lm.layers,
+        tokenizer=lm.tokenizer,
+        return_logits=True,
+    )
     for r, seq in enumerate(seqs):
-        ref_tokens, ref_logits = reference_generate(lm.model, seq, s, STEPS, lm.layers, lm.tokenizer)
+        ref_tokens, ref_logits = reference_generate(
+            lm.model, seq, s, STEPS, lm.layers, lm.tokenizer
+        )
         assert out.tokens[r].tolist() == ref_tokens
         torch.testing.assert_close(out.logits[r], ref_logits, atol=1e-4, rtol=0)
 
@@ -61,8 +72,11 @@ def test_hf_generate_with_cache_equals_reference(arch, policy):
     seq = _ids(lm)[0]
     with steer(lm.model, s, tokenizer=lm.tokenizer):
         gen = lm.model.generate(
-            torch.tensor([seq]), attention_mask=torch.ones(1, len(seq), dtype=torch.long),
-            max_new_tokens=STEPS, do_sample=False, pad_token_id=0,
+            torch.tensor([seq]),
+            attention_mask=torch.ones(1, len(seq), dtype=torch.long),
+            max_new_tokens=STEPS,
+            do_sample=False,
+            pad_token_id=0,
         )
     ref, _ = reference_generate(lm.model, seq, [s], STEPS, lm.layers, lm.tokenizer)
     assert gen[0, len(seq) :].tolist() == ref
@@ -75,7 +89,9 @@ def test_hf_generate_left_padded_batch_equals_one_by_one(arch):
     seqs = _ids(lm)
     ids, mask = pad_batch(seqs, 0)
     with steer(lm.model, s):
-        gen = lm.model.generate(ids, attention_mask=mask, max_new_tokens=STEPS, do_sample=False, pad_token_id=0)
+        gen = lm.model.generate(
+            ids, attention_mask=mask, max_new_tokens=STEPS, do_sample=False, pad_token_id=0
+        )
     for r, seq in enumerate(seqs):
         ref, _ = reference_generate(lm.model, seq, [s], STEPS, lm.layers)
         assert gen[r, ids.shape[1] :].tolist() == ref
@@ -100,12 +116,16 @@ def test_after_prompt_equals_steering_newest_token(llama):
     try:
         for layer in s.layers:
             handles.append(lm.layers.blocks[layer].register_forward_hook(make(layer)))
-        newest = lm.model.generate(torch.tensor([seq]), max_new_tokens=STEPS, do_sample=False, pad_token_id=0)
+        newest = lm.model.generate(
+            torch.tensor([seq]), max_new_tokens=STEPS, do_sample=False, pad_token_id=0
+        )
     finally:
         for h in handles:
             h.remove()
     with steer(lm.model, s):
-        ours = lm.model.generate(torch.tensor([seq]), max_new_tokens=STEPS, do_sample=False, pad_token_id=0)
+        ours = lm.model.generate(
+            torch.tensor([seq]), max_new_tokens=STEPS, do_sample=False, pad_token_id=0
+        )
     assert ours.tolist() == newest.tolist()
 
 
@@ -116,7 +136,16 @@ def test_multiplier_zero_is_unsteered_bit_for_bit(llama, policy):
     seqs = _ids(lm)
     ids, mask = pad_batch(seqs, 0)
     plain = decode(lm.model, ids, mask, [], GREEDY, layer_map=lm.layers, return_logits=True)
-    zero = decode(lm.model, ids, mask, [_steering(lm, policy, 0.0)], GREEDY, layer_map=lm.layers, tokenizer=lm.tokenizer, return_logits=True)
+    zero = decode(
+        lm.model,
+        ids,
+        mask,
+        [_steering(lm, policy, 0.0)],
+        GREEDY,
+        layer_map=lm.layers,
+        tokenizer=lm.tokenizer,
+        return_logits=True,
+    )
     assert torch.equal(plain.tokens, zero.tokens)
     assert torch.equal(plain.logits, zero.logits)
 
@@ -129,12 +158,15 @@ def test_generated_tokens_stay_steered_with_cache(llama):
     seq = _ids(lm)[0]
     seen: list[torch.Tensor] = []
     with steer(lm.model, s) as st:
+
         def spy(module, args, output):
             seen.append(st._forward["coef"].clone())
 
         h = lm.layers.blocks[1].register_forward_hook(spy)
         try:
-            lm.model.generate(torch.tensor([seq]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+            lm.model.generate(
+                torch.tensor([seq]), max_new_tokens=6, do_sample=False, pad_token_id=0
+            )
         finally:
             h.remove()
     assert len(seen) == 6
@@ -143,7 +175,9 @@ def test_generated_tokens_stay_steered_with_cache(llama):
         assert step.shape[1] == 1 and bool(step.all())  # every cached step is steered
     # and it matters: prompt-only steering differs from after-prompt on the generated tokens
     ref_after, _ = reference_generate(lm.model, seq, [s], STEPS, lm.layers)
-    ref_prompt, _ = reference_generate(lm.model, seq, [_steering(lm, "prompt", 6.0)], STEPS, lm.layers)
+    ref_prompt, _ = reference_generate(
+        lm.model, seq, [_steering(lm, "prompt", 6.0)], STEPS, lm.layers
+    )
     assert ref_after != ref_prompt
 
 
@@ -245,7 +279,10 @@ def test_per_row_vectors_and_multipliers_equal_one_by_one(llama):
     rows = [
         [Steering(random_vector(lm, [1], seed=5), 3.0)],
         [],
-        [Steering(random_vector(lm, [2], seed=6), -2.0, policy=Policy("all")), Steering(random_vector(lm, [1], seed=7), 1.5, policy=Policy("transient"))],
+        [
+            Steering(random_vector(lm, [2], seed=6), -2.0, policy=Policy("all")),
+            Steering(random_vector(lm, [1], seed=7), 1.5, policy=Policy("transient")),
+        ],
     ]
     ids, mask = pad_batch(seqs, 0)
     out = decode(lm.model, ids, mask, rows, GREEDY, layer_map=lm.layers, return_logits=True)
@@ -280,7 +317,15 @@ def test_transient_differs_from_after_prompt_and_keeps_cache_unsteered(llama):
     seq = _ids(lm)[1]
     ids, mask = pad_batch([seq], 0)
     vec = random_vector(lm, [1, 2])
-    t = decode(lm.model, ids, mask, [Steering(vec, 6.0, policy=Policy("transient"))], GREEDY, layer_map=lm.layers, track_unsteered=True)
+    t = decode(
+        lm.model,
+        ids,
+        mask,
+        [Steering(vec, 6.0, policy=Policy("transient"))],
+        GREEDY,
+        layer_map=lm.layers,
+        track_unsteered=True,
+    )
     a = decode(lm.model, ids, mask, [Steering(vec, 6.0)], GREEDY, layer_map=lm.layers)
     assert t.tokens.tolist() != a.tokens.tolist()
     assert t.kl is not None and bool((t.kl >= -1e-6).all())
@@ -292,9 +337,21 @@ def test_sampling_and_beam_search_run_under_steer(llama):
     ids = torch.tensor([_ids(lm)[0]])
     with steer(lm.model, s):
         sampled = lm.model.generate(ids, max_new_tokens=8, do_sample=True, top_k=0, pad_token_id=0)
-        beams = lm.model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+        beams = lm.model.generate(
+            ids, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0
+        )
     assert sampled.shape[1] > ids.shape[1] and beams.shape[1] > ids.shape[1]
-    seeded = [decode(lm.model, ids, torch.ones_like(ids), [s], Sampling(8, temperature=0.8, seed=3, stop_at_eos=False), layer_map=lm.layers).tokens for _ in range(2)]
+    seeded = [
+        decode(
+            lm.model,
+            ids,
+            torch.ones_like(ids),
+            [s],
+            Sampling(8, temperature=0.8, seed=3, stop_at_eos=False),
+            layer_map=lm.layers,
+        ).tokens
+        for _ in range(2)
+    ]
     assert torch.equal(seeded[0], seeded[1])
 
 
@@ -305,12 +362,14 @@ def test_invalid_combinations_are_one_line_errors(llama):
         Steering(vec, 1.0, policy=Policy("actadd"))
     with pytest.raises(SteerlabError, match="has no layer 3"):
         Steering(vec, 1.0, layers=(3,))
-    with pytest.raises(SteerlabError, match="transient"):
-        with steer(lm.model, vec, policy="transient"):
-            pass
+    with pytest.raises(SteerlabError, match="transient"), steer(lm.model, vec, policy="transient"):
+        pass
     with pytest.raises(SteerlabError, match="unknown policy"):
         Policy.parse("sometimes")
-    with pytest.raises(SteerlabError, match="does not occur"), steer(lm.model, vec, policy="from-marker:QQQ", tokenizer=lm.tokenizer):
+    with (
+        pytest.raises(SteerlabError, match="does not occur"),
+        steer(lm.model, vec, policy="from-marker:QQQ", tokenizer=lm.tokenizer),
+    ):
         lm.model(torch.tensor([_ids(lm)[0]]))
     with pytest.raises(SteerlabError, match="finite"):
         Steering(vec, float("nan"))

@@ -6,7 +6,7 @@ import string
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from steerlab.model import LoadedModel, describe
@@ -26,6 +26,7 @@ def tokenizer(chat: bool = True, pad: bool = True) -> Any:
     """A character-level tokenizer; optional chat template and pad token."""
     backend = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<s>",
@@ -57,7 +58,9 @@ def config(arch: str, layers: int = 4, hidden: int = 32) -> Any:
             tie_word_embeddings=False,
         )
         if arch == "gemma2":
-            extra.update(head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4, sliding_window=256)
+            extra.update(
+                head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4, sliding_window=256
+            )
         if arch == "phi3":
             extra.update(num_key_value_heads=4)
         if arch == "mistral":
@@ -67,20 +70,40 @@ def config(arch: str, layers: int = 4, hidden: int = 32) -> Any:
         cfg = AutoConfig.for_model(arch, **common, **extra)
     elif arch == "gpt2":
         cfg = AutoConfig.for_model(
-            "gpt2", **common, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
-            bos_token_id=1, eos_token_id=2,
+            "gpt2",
+            **common,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=1,
+            eos_token_id=2,
         )
     elif arch == "gpt_neox":
         cfg = AutoConfig.for_model(
-            "gpt_neox", **common, hidden_size=hidden, intermediate_size=hidden * 2,
-            num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256,
-            bos_token_id=1, eos_token_id=2,
+            "gpt_neox",
+            **common,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            bos_token_id=1,
+            eos_token_id=2,
         )
     elif arch == "opt":
         cfg = AutoConfig.for_model(
-            "opt", **common, hidden_size=hidden, ffn_dim=hidden * 2, num_hidden_layers=layers,
-            num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            "opt",
+            **common,
+            hidden_size=hidden,
+            ffn_dim=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=hidden,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         )
     else:
         raise ValueError(arch)
@@ -91,10 +114,7 @@ def model(arch: str = "llama", layers: int = 4, hidden: int = 32, seed: int = 0)
     """A tiny random model with the character tokenizer, described like load_model does."""
     torch.manual_seed(seed)
     cfg = config(arch, layers, hidden)
-    try:
-        cfg._attn_implementation = "eager"
-    except Exception:
-        pass
+    cfg._attn_implementation = "eager"
     net = AutoModelForCausalLM.from_config(cfg)
     # Larger random weights make greedy decoding less tie-prone and steering effects visible.
     with torch.no_grad():

@@ -76,7 +76,9 @@ def logistic(l2: float = 1e-3, steps: int = 200) -> Aggregator:
             opt.step(closure)  # type: ignore[no-untyped-call]
         direction = w.detach()
         if float(direction.norm()) == 0.0:
-            raise SteerlabError("the logistic probe found no direction: the classes are not separable")
+            raise SteerlabError(
+                "the logistic probe found no direction: the classes are not separable"
+            )
         return _project_mean(direction, pos, neg)
 
     return aggregate

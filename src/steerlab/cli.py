@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -23,10 +23,14 @@ app.add_typer(vector_app, name="vector")
 out = Console()
 err = Console(stderr=True)
 
-ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="Alias, .gguf file, model directory or HF id.")
+ModelOpt = typer.Option(
+    "smollm2-135m", "--model", "-m", help="Alias, .gguf file, model directory or HF id."
+)
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto (device_map=auto).")
 DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto.")
-LayersPathOpt = typer.Option(None, "--layers-path", help="Dotted path of the decoder blocks, e.g. model.layers.")
+LayersPathOpt = typer.Option(
+    None, "--layers-path", help="Dotted path of the decoder blocks, e.g. model.layers."
+)
 
 
 def _load(model: str, device: str | None, dtype: str | None, layers_path: str | None = None) -> Any:
@@ -38,10 +42,12 @@ def _load(model: str, device: str | None, dtype: str | None, layers_path: str | 
 
 @app.command()
 def info(
-    model: str = typer.Argument("smollm2-135m", help="Alias, .gguf file, model directory or HF id."),
-    device: Optional[str] = DeviceOpt,
-    dtype: Optional[str] = DtypeOpt,
-    layers_path: Optional[str] = LayersPathOpt,
+    model: str = typer.Argument(
+        "smollm2-135m", help="Alias, .gguf file, model directory or HF id."
+    ),
+    device: str | None = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+    layers_path: str | None = LayersPathOpt,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Describe a model: architecture, layers, hidden size, dtype, device, files."""
@@ -60,42 +66,67 @@ def info(
 
 @app.command()
 def extract(
-    dataset: Path = typer.Argument(..., help="JSONL, JSON or CSV dataset (or positive texts with --negatives)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Where to write the .safetensors vector."),
+    dataset: Path = typer.Argument(
+        ..., help="JSONL, JSON or CSV dataset (or positive texts with --negatives)."
+    ),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Where to write the .safetensors vector."
+    ),
     model: str = ModelOpt,
     layers: str = typer.Option("all", "--layers", "-l", help="all, 6-18, 3,5,-1 ..."),
     method: str = typer.Option("mean-diff", "--method", help="mean-diff, pca-diff or logistic."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="ab, yesno, pairs, unpaired or actadd (default: detect)."),
-    negatives: Optional[Path] = typer.Option(None, "--negatives", help="Negative texts for an unpaired set."),
-    read_position: str = typer.Option("auto", "--read-position", help="auto, answer, last or mean."),
+    fmt: str | None = typer.Option(
+        None, "--format", help="ab, yesno, pairs, unpaired or actadd (default: detect)."
+    ),
+    negatives: Path | None = typer.Option(
+        None, "--negatives", help="Negative texts for an unpaired set."
+    ),
+    read_position: str = typer.Option(
+        "auto", "--read-position", help="auto, answer, last or mean."
+    ),
     batch_size: int = typer.Option(32, "--batch-size", help="Sequences per forward pass."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt for the chat template."),
+    system: str | None = typer.Option(
+        None, "--system", help="System prompt for the chat template."
+    ),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Render through the chat template."),
-    device: Optional[str] = DeviceOpt,
-    dtype: Optional[str] = DtypeOpt,
-    layers_path: Optional[str] = LayersPathOpt,
+    device: str | None = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+    layers_path: str | None = LayersPathOpt,
 ) -> None:
     """Extract a steering vector from a contrastive dataset."""
     from steerlab.dataset import load_dataset
     from steerlab.extraction import extract as run
 
     if output.suffix.lower() != ".safetensors":
-        raise SteerlabError(f"output '{output}' must end in .safetensors (GGUF: `steerlab vector export-gguf`)")
+        raise SteerlabError(
+            f"output '{output}' must end in .safetensors (GGUF: `steerlab vector export-gguf`)"
+        )
     data = load_dataset(dataset, fmt, negatives)  # type: ignore[arg-type]
     for warning in data.warnings:
         err.print(f"[yellow]warning:[/] {warning}")
     lm = _load(model, device, dtype, layers_path)
     vec = run(
-        lm, data, layers, method=method, read_position=read_position, batch_size=batch_size,
-        chat=chat, system=system, progress=sys.stderr.isatty(),
+        lm,
+        data,
+        layers,
+        method=method,
+        read_position=read_position,
+        batch_size=batch_size,
+        chat=chat,
+        system=system,
+        progress=sys.stderr.isatty(),
     )
     vec.save(output)
-    out.print(f"wrote {output}: {len(vec.layers)} layers, {method}, read at {vec.read_position}, {len(data)} examples")
+    out.print(
+        f"wrote {output}: {len(vec.layers)} layers, {method}, read at {vec.read_position}, {len(data)} examples"
+    )
 
 
 @vector_app.command("show")
-def vector_show(path: Path = typer.Argument(..., help="A .safetensors or .gguf vector."),
-                as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+def vector_show(
+    path: Path = typer.Argument(..., help="A .safetensors or .gguf vector."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
     """Print a vector's metadata and per-layer norms."""
     from steerlab.vector import SteeringVector
 
@@ -106,19 +137,41 @@ def vector_show(path: Path = typer.Argument(..., help="A .safetensors or .gguf v
         out.print_json(json.dumps(meta, sort_keys=True))
         return
     summary = Table(show_header=False, box=None)
-    for key in ("model", "method", "read_position", "layer_convention", "dataset", "steerlab_version", "created", "shape", "notes"):
-        summary.add_row(key, json.dumps(meta[key], sort_keys=True) if isinstance(meta[key], (dict, list)) else str(meta[key]))
+    for key in (
+        "model",
+        "method",
+        "read_position",
+        "layer_convention",
+        "dataset",
+        "steerlab_version",
+        "created",
+        "shape",
+        "notes",
+    ):
+        summary.add_row(
+            key,
+            json.dumps(meta[key], sort_keys=True)
+            if isinstance(meta[key], (dict, list))
+            else str(meta[key]),
+        )
     out.print(summary)
     table = Table("layer", "norm", "residual norm", "ratio")
     for layer, norm in vec.norms().items():
         res = vec.residual_norms.get(layer)
-        table.add_row(str(layer), f"{norm:.4g}", "-" if res is None else f"{res:.4g}", "-" if not res else f"{norm / res:.3f}")
+        table.add_row(
+            str(layer),
+            f"{norm:.4g}",
+            "-" if res is None else f"{res:.4g}",
+            "-" if not res else f"{norm / res:.3f}",
+        )
     out.print(table)
 
 
 @vector_app.command("export-gguf")
-def vector_export(path: Path = typer.Argument(..., help="A steerlab vector."),
-                  output: Path = typer.Option(..., "--output", "-o", help="The .gguf to write.")) -> None:
+def vector_export(
+    path: Path = typer.Argument(..., help="A steerlab vector."),
+    output: Path = typer.Option(..., "--output", "-o", help="The .gguf to write."),
+) -> None:
     """Write a llama.cpp control vector (direction.N = output of block N)."""
     from steerlab.llamacpp import export_gguf
     from steerlab.vector import SteeringVector
@@ -128,8 +181,10 @@ def vector_export(path: Path = typer.Argument(..., help="A steerlab vector."),
 
 
 @vector_app.command("import-gguf")
-def vector_import(path: Path = typer.Argument(..., help="A llama.cpp or repeng control-vector .gguf."),
-                  output: Path = typer.Option(..., "--output", "-o", help="The .safetensors to write.")) -> None:
+def vector_import(
+    path: Path = typer.Argument(..., help="A llama.cpp or repeng control-vector .gguf."),
+    output: Path = typer.Option(..., "--output", "-o", help="The .safetensors to write."),
+) -> None:
     """Convert a llama.cpp/repeng control vector to a steerlab vector file."""
     from steerlab.llamacpp import import_gguf
 
@@ -139,10 +194,12 @@ def vector_import(path: Path = typer.Argument(..., help="A llama.cpp or repeng c
 
 
 @vector_app.command("select")
-def vector_select(path: Path = typer.Argument(..., help="A vector file."),
-                  layers: str = typer.Option(..., "--layers", "-l", help="Layers to keep: 6-18, 3,5 ..."),
-                  output: Path = typer.Option(..., "--output", "-o", help="The .safetensors to write."),
-                  scale: float = typer.Option(1.0, "--scale", help="Multiply the kept directions by this.")) -> None:
+def vector_select(
+    path: Path = typer.Argument(..., help="A vector file."),
+    layers: str = typer.Option(..., "--layers", "-l", help="Layers to keep: 6-18, 3,5 ..."),
+    output: Path = typer.Option(..., "--output", "-o", help="The .safetensors to write."),
+    scale: float = typer.Option(1.0, "--scale", help="Multiply the kept directions by this."),
+) -> None:
     """Keep some layers of a vector (and optionally scale it)."""
     from steerlab.layers import resolve_layers
     from steerlab.vector import SteeringVector
@@ -153,7 +210,9 @@ def vector_select(path: Path = typer.Argument(..., help="A vector file."),
     out.print(f"wrote {output}: layers {','.join(map(str, chosen))}")
 
 
-def _steerings(vector: Path, layers: Optional[str], policy: str, scale: str, lm: Any, allow_mismatch: bool) -> list[Any]:
+def _steerings(
+    vector: Path, layers: str | None, policy: str, scale: str, lm: Any, allow_mismatch: bool
+) -> list[Any]:
     from steerlab.layers import resolve_layers
     from steerlab.model import ModelInfo
     from steerlab.steering import Steering
@@ -162,7 +221,9 @@ def _steerings(vector: Path, layers: Optional[str], policy: str, scale: str, lm:
     vec = SteeringVector.load(vector)
     info: ModelInfo = lm.info
     for warning in vec.check_model(
-        ModelIdentity(info.name, info.architecture, info.hidden_size, info.num_layers, info.fingerprint),
+        ModelIdentity(
+            info.name, info.architecture, info.hidden_size, info.num_layers, info.fingerprint
+        ),
         allow_mismatch,
     ):
         err.print(f"[yellow]warning:[/] {warning}")
@@ -175,25 +236,42 @@ def generate(
     prompt: str = typer.Argument(..., help="The user prompt."),
     vector: Path = typer.Option(..., "--vector", "-v", help="A .safetensors or .gguf vector."),
     model: str = ModelOpt,
-    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Layers to steer (default: all of the vector's)."),
-    multiplier: list[float] = typer.Option([4.0], "--multiplier", "-x", help="Repeat for several values."),
-    policy: str = typer.Option("after-prompt", "--policy", "-p", help="all, after-prompt, from-marker:STR, prompt, actadd, transient."),
-    scale: str = typer.Option("absolute", "--scale", help="absolute, or relative to the stored residual norm."),
+    layer: str | None = typer.Option(
+        None, "--layer", "-l", help="Layers to steer (default: all of the vector's)."
+    ),
+    multiplier: list[float] = typer.Option(
+        [4.0], "--multiplier", "-x", help="Repeat for several values."
+    ),
+    policy: str = typer.Option(
+        "after-prompt",
+        "--policy",
+        "-p",
+        help="all, after-prompt, from-marker:STR, prompt, actadd, transient.",
+    ),
+    scale: str = typer.Option(
+        "absolute", "--scale", help="absolute, or relative to the stored residual norm."
+    ),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, "--seed"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Render through the chat template."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch", help="Apply a vector made on another model of the same shape."),
+    system: str | None = typer.Option(None, "--system", help="System prompt."),
+    allow_model_mismatch: bool = typer.Option(
+        False,
+        "--allow-model-mismatch",
+        help="Apply a vector made on another model of the same shape.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    device: Optional[str] = DeviceOpt,
-    dtype: Optional[str] = DtypeOpt,
+    device: str | None = DeviceOpt,
+    dtype: str | None = DtypeOpt,
 ) -> None:
     """Print the unsteered and steered completions of a prompt side by side."""
     from steerlab.generation import Sampling, generate_multipliers
 
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    sampling = Sampling(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
     lm = _load(model, device, dtype)
     steerings = _steerings(vector, layer, policy, scale, lm, allow_model_mismatch)
     if steerings[0].policy.kind == "from-marker":
@@ -205,7 +283,9 @@ def generate(
                 f"the from-marker string {steerings[0].policy.marker!r} does not occur in the "
                 "rendered prompt: pick a marker it contains, or another policy"
             )
-    results = generate_multipliers(lm, prompt, steerings, multiplier, sampling, chat=chat, system=system)
+    results = generate_multipliers(
+        lm, prompt, steerings, multiplier, sampling, chat=chat, system=system
+    )
     if as_json:
         payload = {
             "prompt": prompt,
@@ -249,7 +329,9 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        err.print(f"[red]error:[/] {exc.strerror}: '{exc.filename}': check the path", highlight=False)
+        err.print(
+            f"[red]error:[/] {exc.strerror}: '{exc.filename}': check the path", highlight=False
+        )
         sys.exit(2)
 
 

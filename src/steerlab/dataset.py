@@ -131,7 +131,9 @@ def detect_format(record: dict[str, Any]) -> Format | None:
     return None
 
 
-def _str_field(record: dict[str, Any], name: str, where: str, problems: list[str], optional: bool = False) -> str | None:
+def _str_field(
+    record: dict[str, Any], name: str, where: str, problems: list[str], optional: bool = False
+) -> str | None:
     value = record.get(name)
     if value is None:
         if not optional:
@@ -155,13 +157,17 @@ def _label(value: Any) -> bool | None:
     return None
 
 
-def _parse(path: Path, fmt: Format | None, problems: list[str], forced_label: bool | None = None) -> tuple[Format | None, list[Pair], list[Text]]:
+def _parse(
+    path: Path, fmt: Format | None, problems: list[str], forced_label: bool | None = None
+) -> tuple[Format | None, list[Pair], list[Text]]:
     pairs: list[Pair] = []
     texts: list[Text] = []
     try:
         records = list(_records(path))
     except UnicodeDecodeError:
-        raise SteerlabError(f"'{path}' is not UTF-8 text: pass a JSON, JSONL or CSV dataset") from None
+        raise SteerlabError(
+            f"'{path}' is not UTF-8 text: pass a JSON, JSONL or CSV dataset"
+        ) from None
     for line, record in records:
         where = f"{path.name}:{line}"
         if isinstance(record, _BadLine):
@@ -185,10 +191,15 @@ def _parse(path: Path, fmt: Format | None, problems: list[str], forced_label: bo
             if question is None or pos is None or neg is None:
                 continue
             letters = []
-            for name, answer in (("answer_matching_behavior", pos), ("answer_not_matching_behavior", neg)):
+            for name, answer in (
+                ("answer_matching_behavior", pos),
+                ("answer_not_matching_behavior", neg),
+            ):
                 match = _LETTER.match(answer.strip())
                 if not match:
-                    problems.append(f"{where}: field '{name}' must be a choice like ' (A)', got {answer!r}")
+                    problems.append(
+                        f"{where}: field '{name}' must be a choice like ' (A)', got {answer!r}"
+                    )
                     continue
                 letter = match.group(1).upper()
                 if f"({letter})" not in question:
@@ -199,7 +210,9 @@ def _parse(path: Path, fmt: Format | None, problems: list[str], forced_label: bo
                 letters.append(letter)
             if len(letters) == 2:
                 if letters[0] == letters[1]:
-                    problems.append(f"{where}: both answers are ({letters[0]}): the pair has no contrast")
+                    problems.append(
+                        f"{where}: both answers are ({letters[0]}): the pair has no contrast"
+                    )
                     continue
                 pairs.append(Pair(question, f"({letters[0]})", f"({letters[1]})", line))
         elif fmt == "yesno":
@@ -214,7 +227,9 @@ def _parse(path: Path, fmt: Format | None, problems: list[str], forced_label: bo
                 problems.append(f"{where}: answers must be Yes or No, got {bad[0]!r}")
                 continue
             if answers[0].lower() == answers[1].lower():
-                problems.append(f"{where}: both answers are {answers[0]!r}: the pair has no contrast")
+                problems.append(
+                    f"{where}: both answers are {answers[0]!r}: the pair has no contrast"
+                )
                 continue
             pairs.append(Pair(question, answers[0].capitalize(), answers[1].capitalize(), line))
         elif fmt in ("pairs", "actadd"):
@@ -224,7 +239,9 @@ def _parse(path: Path, fmt: Format | None, problems: list[str], forced_label: bo
             if pos is None or neg is None:
                 continue
             if pos == neg:
-                problems.append(f"{where}: 'positive' and 'negative' are identical: the pair has no contrast")
+                problems.append(
+                    f"{where}: 'positive' and 'negative' are identical: the pair has no contrast"
+                )
                 continue
             pairs.append(Pair(prompt or None, pos, neg, line))
         else:  # unpaired
@@ -233,7 +250,9 @@ def _parse(path: Path, fmt: Format | None, problems: list[str], forced_label: bo
             if forced_label is not None:
                 label: bool | None = forced_label
             elif "label" not in record:
-                problems.append(f"{where}: field 'label' is missing (or pass the negatives as a second file)")
+                problems.append(
+                    f"{where}: field 'label' is missing (or pass the negatives as a second file)"
+                )
                 continue
             else:
                 label = _label(record["label"])
@@ -280,7 +299,9 @@ def load_dataset(
     problems: list[str] = []
     if negatives is not None:
         if format not in (None, "unpaired"):
-            raise SteerlabError("a negatives file goes with unpaired sets: drop --format or use unpaired")
+            raise SteerlabError(
+                "a negatives file goes with unpaired sets: drop --format or use unpaired"
+            )
         _, _, pos_texts = _parse(files[0], "unpaired", problems, forced_label=True)
         _, _, neg_texts = _parse(files[1], "unpaired", problems, forced_label=False)
         fmt: Format | None = "unpaired"
@@ -305,5 +326,9 @@ def load_dataset(
             warnings.append(f"{files[0].name}:{p.line}: duplicate of the pair on line {seen[key]}")
         else:
             seen[key] = p.line
-    info = DatasetInfo(path=str(path), sha256=_sha256(files), size=len(pairs) or len(texts), format=fmt)
-    return Dataset(format=fmt, pairs=tuple(pairs), texts=tuple(texts), info=info, warnings=tuple(warnings))
+    info = DatasetInfo(
+        path=str(path), sha256=_sha256(files), size=len(pairs) or len(texts), format=fmt
+    )
+    return Dataset(
+        format=fmt, pairs=tuple(pairs), texts=tuple(texts), info=info, warnings=tuple(warnings)
+    )

@@ -6,6 +6,7 @@ after the highest one (the blocks above it and the LM head never run).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from steerlab.aggregators import get_aggregator
 from steerlab.chat import encode, pad_batch, position_ids, render
 from steerlab.dataset import Dataset
 from steerlab.errors import SteerlabError
-from steerlab.layers import LayerMap, block_output, resolve_layers
+from steerlab.layers import LayerMap, block_output, embedding_weight, resolve_layers
 from steerlab.model import LoadedModel
 from steerlab.vector import ModelIdentity, SteeringVector
 
@@ -76,14 +77,18 @@ def build_items(
     items: list[Item] = []
 
     def span(prompt: str | None, completion: str) -> tuple[list[int], int]:
-        full = encode(tok, render(tok, prompt or "", system=system, assistant_prefix=completion, chat=chat))
+        full = encode(
+            tok, render(tok, prompt or "", system=system, assistant_prefix=completion, chat=chat)
+        )
         bare = encode(tok, render(tok, prompt or "", system=system, chat=chat))
         start = min(_common_prefix(full, bare), len(full) - 1)
         return full, start
 
     if dataset.format == "unpaired":
         if read == "answer":
-            raise SteerlabError("read position 'answer' needs pairs: use mean or last for unpaired sets")
+            raise SteerlabError(
+                "read position 'answer' needs pairs: use mean or last for unpaired sets"
+            )
         for t in dataset.texts:
             ids, start = span(t.prompt, t.text)
             lo = start if read == "mean" else len(ids) - 1
@@ -99,7 +104,10 @@ def build_items(
             ni = min(max(len(neg) - 1 - suffix, prefix), len(neg) - 1)
             items += [Item(pos, pi, pi + 1, True), Item(neg, ni, ni + 1, False)]
         elif read == "last":
-            items += [Item(pos, len(pos) - 1, len(pos), True), Item(neg, len(neg) - 1, len(neg), False)]
+            items += [
+                Item(pos, len(pos) - 1, len(pos), True),
+                Item(neg, len(neg) - 1, len(neg), False),
+            ]
         else:
             items += [Item(pos, pos_start, len(pos), True), Item(neg, neg_start, len(neg), False)]
     return items, read
@@ -136,7 +144,7 @@ def read_activations(
     if batch_size < 1:
         raise SteerlabError(f"batch size must be at least 1, got {batch_size}")
     order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
-    device = model.get_input_embeddings().weight.device
+    device = embedding_weight(model).device
     top = max(layers)
     captured: dict[int, torch.Tensor] = {}
     weights: list[torch.Tensor] = []  # the current batch's [n, seq] read weights
@@ -168,13 +176,14 @@ def read_activations(
                 w[row, offset + it.start : offset + it.end] = 1.0 / (it.end - it.start)
             weights[:] = [w]
             captured.clear()
-            kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+            kwargs: dict[str, Any] = {
+                "input_ids": ids.to(device),
+                "attention_mask": mask.to(device),
+            }
             if use_positions:
                 kwargs["position_ids"] = position_ids(mask).to(device)
-            try:
+            with contextlib.suppress(_Stop):
                 base(**kwargs, use_cache=False)
-            except _Stop:
-                pass
             reads = torch.stack([captured[layer] for layer in layers], dim=1)  # [n, L, d]
             if on_batch is not None:
                 on_batch(len(chunk))
@@ -185,7 +194,13 @@ def read_activations(
 
 
 def _progress(total: int, enabled: bool, label: str) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     class Rate(TextColumn):
         def render(self, task: Any) -> Any:
@@ -195,8 +210,13 @@ def _progress(total: int, enabled: bool, label: str) -> Any:
             return Text(f"{speed:.1f} pairs/s" if speed else "")
 
     progress = Progress(
-        TextColumn(label), BarColumn(), MofNCompleteColumn(), Rate(""), TimeRemainingColumn(),
-        disable=not enabled, transient=False,
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(""),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
     )
     return progress
 
@@ -238,7 +258,10 @@ def extract(
     items, read = build_items(lm, dataset, read_position, chat=chat, system=system)
     d = lm.info.hidden_size
     n_layers = len(layer_list)
-    sums = {True: torch.zeros(n_layers, d, dtype=torch.float64), False: torch.zeros(n_layers, d, dtype=torch.float64)}
+    sums = {
+        True: torch.zeros(n_layers, d, dtype=torch.float64),
+        False: torch.zeros(n_layers, d, dtype=torch.float64),
+    }
     counts = {True: 0, False: 0}
     norm_sum = torch.zeros(n_layers, dtype=torch.float64)
     stored: torch.Tensor | None = None
@@ -249,8 +272,13 @@ def extract(
     with bar:
         task = bar.add_task("extract", total=pairs)
         for chunk, reads in read_activations(
-            lm.model, lm.layers, items, layer_list, batch_size=batch_size,
-            pad_id=int(lm.tokenizer.pad_token_id), padding_side=padding_side,
+            lm.model,
+            lm.layers,
+            items,
+            layer_list,
+            batch_size=batch_size,
+            pad_id=int(lm.tokenizer.pad_token_id),
+            padding_side=padding_side,
         ):
             for row, i in enumerate(chunk):
                 label = items[i].positive
@@ -315,13 +343,14 @@ def extract_actadd(lm: LoadedModel, dataset: Dataset, layers: list[int]) -> Stee
         b = b + [neutral] * (k - len(b))
         items += [Item(a, 0, 1, True), Item(b, 0, 1, False)]
     # Read every position: one forward per sequence is enough for a handful of pairs.
-    device = lm.model.get_input_embeddings().weight.device
+    device = embedding_weight(lm.model).device
     diffs = {layer: torch.zeros(k, lm.info.hidden_size, dtype=torch.float64) for layer in layers}
     norms = dict.fromkeys(layers, 0.0)
     captured: dict[int, torch.Tensor] = {}
     handles = []
     try:
         for layer in layers:
+
             def hook(m: nn.Module, a: Any, out: Any, layer: int = layer) -> None:
                 captured[layer] = block_output(out)[0].float().cpu()  # [k, d]
 
@@ -333,7 +362,10 @@ def extract_actadd(lm: LoadedModel, dataset: Dataset, layers: list[int]) -> Stee
                 acts.append({layer: captured[layer] for layer in layers})
             for layer in layers:
                 diffs[layer] += (acts[0][layer] - acts[1][layer]).double()
-                norms[layer] += float(acts[0][layer].norm(dim=-1).mean() + acts[1][layer].norm(dim=-1).mean()) / 2
+                norms[layer] += (
+                    float(acts[0][layer].norm(dim=-1).mean() + acts[1][layer].norm(dim=-1).mean())
+                    / 2
+                )
     finally:
         for h in handles:
             h.remove()

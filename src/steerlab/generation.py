@@ -19,7 +19,7 @@ from torch import nn
 
 from steerlab.chat import encode, pad_batch, render
 from steerlab.errors import SteerlabError
-from steerlab.layers import LayerMap
+from steerlab.layers import LayerMap, embedding_weight
 from steerlab.model import LoadedModel
 from steerlab.steering import Steerer, Steering
 
@@ -72,20 +72,22 @@ class Decoded:
 
 
 @functools.lru_cache(maxsize=64)
-def _cache_kwarg_of(cls: type) -> str:
+def _cache_kwarg_of(cls: Any) -> str:
     params = inspect.signature(cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
 def cache_kwarg(model: nn.Module) -> str:
     """The forward keyword for the KV cache: ``cache`` (transformers 5) or ``past_key_values``."""
-    return _cache_kwarg_of(type(model))
+    return _cache_kwarg_of(type(model))  # type: ignore[arg-type]
 
 
 def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> Any:
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
     kwargs = {cache_kwarg(model): cache}
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+    return model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs
+    )
 
 
 def _cache_of(out: Any) -> Any:
@@ -111,7 +113,9 @@ def _can_crop(cache: Any) -> bool:
     return all(type(layer).__name__ in ("DynamicLayer",) for layer in layers)
 
 
-def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+def _pick(
+    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None
+) -> torch.Tensor:
     if sampling.temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)  # [batch, vocab]
@@ -157,7 +161,7 @@ def decode(
         raise ValueError("input_ids and attention_mask must have the same shape")
     if bool((attention_mask[:, -1] == 0).any()):
         raise SteerlabError("decode() needs left-padded prompts (a row ends with padding)")
-    device = model.get_input_embeddings().weight.device
+    device = embedding_weight(model).device
     ids = input_ids.to(device)
     mask = attention_mask.to(device)
     batch = ids.shape[0]
@@ -168,7 +172,11 @@ def decode(
         generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else 0)
     lengths = [int(n) for n in attention_mask.sum(-1).tolist()]
     steerer = Steerer(
-        model, steering, layer_map, prompt_lengths=lengths, tokenizer=tokenizer,
+        model,
+        steering,
+        layer_map,
+        prompt_lengths=lengths,
+        tokenizer=tokenizer,
         allow_transient=True,
     )
     transient = steerer._transient_cols is not None or any(
@@ -261,7 +269,9 @@ def encode_prompts(
     system: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Render and left-pad prompts into ``input_ids`` and ``attention_mask``."""
-    seqs = [encode(lm.tokenizer, render(lm.tokenizer, p, system=system, chat=chat)) for p in prompts]
+    seqs = [
+        encode(lm.tokenizer, render(lm.tokenizer, p, system=system, chat=chat)) for p in prompts
+    ]
     return pad_batch(seqs, int(lm.tokenizer.pad_token_id), side="left")
 
 
@@ -282,11 +292,20 @@ def generate(
     """
     ids, mask = encode_prompts(lm, prompts, chat=chat, system=system)
     result = decode(
-        lm.model, ids, mask, steering, sampling, layer_map=lm.layers, tokenizer=lm.tokenizer,
-        eos_token_id=lm.tokenizer.eos_token_id, track_unsteered=track_unsteered,
+        lm.model,
+        ids,
+        mask,
+        steering,
+        sampling,
+        layer_map=lm.layers,
+        tokenizer=lm.tokenizer,
+        eos_token_id=lm.tokenizer.eos_token_id,
+        track_unsteered=track_unsteered,
     )
     texts = [
-        lm.tokenizer.decode(result.tokens[r, : result.lengths[r]].tolist(), skip_special_tokens=True)
+        lm.tokenizer.decode(
+            result.tokens[r, : result.lengths[r]].tolist(), skip_special_tokens=True
+        )
         for r in range(len(prompts))
     ]
     return texts, result

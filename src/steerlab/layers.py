@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,9 +74,8 @@ def _hidden_size(model: nn.Module) -> int:
         value = getattr(text_config, name, None)
         if isinstance(value, int):
             return value
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if isinstance(embeddings, nn.Embedding):
-        return int(embeddings.weight.shape[1])
+    if hasattr(model, "get_input_embeddings"):
+        return int(embedding_weight(model).shape[1])
     raise SteerlabError("cannot tell the model's hidden size; its config has no hidden_size")
 
 
@@ -160,6 +160,12 @@ def _norm(index: int, num_layers: int) -> int:
             f"(negative indices count from the end)"
         )
     return value
+
+
+def embedding_weight(model: nn.Module) -> torch.Tensor:
+    """The input-embedding matrix; its device and dtype are the model's input side."""
+    embeddings: Any = model.get_input_embeddings()  # type: ignore[operator]
+    return embeddings.weight  # type: ignore[no-any-return]
 
 
 def block_output(output: object) -> torch.Tensor:

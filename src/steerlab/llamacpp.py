@@ -84,7 +84,9 @@ def import_gguf(path: str | Path) -> SteeringVector:
     try:
         reader = gguf.GGUFReader(str(source))
     except Exception as exc:
-        raise SteerlabError(f"cannot read GGUF file '{path}' ({type(exc).__name__}): check the file") from None
+        raise SteerlabError(
+            f"cannot read GGUF file '{path}' ({type(exc).__name__}): check the file"
+        ) from None
     directions: dict[int, torch.Tensor] = {}
     for tensor in reader.tensors:
         if not tensor.name.startswith("direction."):
@@ -123,7 +125,9 @@ def import_gguf(path: str | Path) -> SteeringVector:
     num_layers = max(count, max(directions) + 1)
     return SteeringVector(
         directions=directions,
-        model=ModelIdentity(name=f"gguf:{source.name}", architecture=hint, hidden_size=width, num_layers=num_layers),
+        model=ModelIdentity(
+            name=f"gguf:{source.name}", architecture=hint, hidden_size=width, num_layers=num_layers
+        ),
         method="imported",
         read_position="unknown",
         notes={"imported_from": str(source), "gguf_layer_count": count},

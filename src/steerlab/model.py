@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from steerlab.errors import SteerlabError
-from steerlab.layers import LayerMap, find_layers
+from steerlab.layers import LayerMap, embedding_weight, find_layers
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -296,24 +296,29 @@ def load_model(
             f"cannot load model '{spec}' ({first[:160]}): pass a local directory, a .gguf "
             f"file or '{DEFAULT_MODEL}' (no model hub is reachable offline)"
         ) from None
-    if device not in (None, "auto"):
-        model = model.to(device)
-    elif device is None and want_cuda:
-        model = model.to("cuda")
+    target = (
+        device
+        if device not in (None, "auto")
+        else ("cuda" if want_cuda and device is None else None)
+    )
+    if target is not None:
+        model.to(torch.device(target))  # type: ignore[arg-type]
     model.eval()
     loaded = describe(model, tokenizer, spec, layers_path)
     info = replace(loaded.info, source=str(source), cache_dir=cache_dir)
     return replace(loaded, info=info)
 
 
-def describe(model: nn.Module, tokenizer: Any, name: str, layers_path: str | None = None) -> LoadedModel:
+def describe(
+    model: nn.Module, tokenizer: Any, name: str, layers_path: str | None = None
+) -> LoadedModel:
     """Wrap an already-loaded model (e.g. a tiny test model) like :func:`load_model` does."""
     ensure_pad_token(tokenizer)
     layer_map = find_layers(model, layers_path)
-    embed = model.get_input_embeddings().weight
+    embed = embedding_weight(model)
     info = ModelInfo(
         name=name,
-        architecture=str(model.config.model_type),
+        architecture=str(getattr(model.config, "model_type", "unknown")),
         num_layers=layer_map.num_layers,
         hidden_size=layer_map.hidden_size,
         dtype=str(embed.dtype).removeprefix("torch."),

@@ -13,12 +13,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from steerlab.layers import LayerMap, block_output, find_layers, replace_block_output
+from steerlab.layers import (
+    LayerMap,
+    block_output,
+    embedding_weight,
+    find_layers,
+    replace_block_output,
+)
 from steerlab.policy import marker_end
 from steerlab.steering import Steering
 
 
-def steered_positions(steering: Steering, prompt_len: int, seq_len: int, marker_at: int = 0) -> list[int]:
+def steered_positions(
+    steering: Steering, prompt_len: int, seq_len: int, marker_at: int = 0
+) -> list[int]:
     """The set S of DESIGN.md for one sequence of ``seq_len`` tokens, as a sorted list."""
     kind = steering.policy.kind
     if kind == "all":
@@ -58,8 +66,11 @@ def reference_logits(
                 delta = s.delta(layer)
 
                 def hook(
-                    module: nn.Module, args: Any, output: Any,
-                    delta: torch.Tensor = delta, positions: list[int] = positions,
+                    module: nn.Module,
+                    args: Any,
+                    output: Any,
+                    delta: torch.Tensor = delta,
+                    positions: list[int] = positions,
                     actadd: bool = s.policy.kind == "actadd",
                 ) -> Any:
                     hidden = block_output(output).clone()  # [1, seq, d]
@@ -69,7 +80,7 @@ def reference_logits(
                     return replace_block_output(output, hidden)
 
                 handles.append(layer_map.blocks[layer].register_forward_hook(hook))
-        tensor = torch.tensor([list(ids)], device=model.get_input_embeddings().weight.device)
+        tensor = torch.tensor([list(ids)], device=embedding_weight(model).device)
         return model(input_ids=tensor, use_cache=False).logits[0].float()
     finally:
         for h in handles:

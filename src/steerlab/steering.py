@@ -101,7 +101,15 @@ def as_steerings(
 ) -> list[Steering]:
     """Normalise the ways of naming steering into a list of :class:`Steering`."""
     if isinstance(vector, SteeringVector):
-        return [Steering(vector, multiplier, None if layers is None else tuple(layers), Policy.parse(policy), scale)]
+        return [
+            Steering(
+                vector,
+                multiplier,
+                None if layers is None else tuple(layers),
+                Policy.parse(policy),
+                scale,
+            )
+        ]
     if isinstance(vector, Steering):
         return [vector]
     return list(vector)
@@ -411,6 +419,8 @@ def steer(
         ...     out = model.generate(**inputs, max_new_tokens=32)
     """
     rows: Sequence[Steering] | Sequence[Sequence[Steering]]
-    rows = per_row if per_row is not None else as_steerings(vector, multiplier, layers, policy, scale)
+    rows = (
+        per_row if per_row is not None else as_steerings(vector, multiplier, layers, policy, scale)
+    )
     with Steerer(model, rows, layer_map, prompt_lengths, tokenizer) as steerer:
         yield steerer

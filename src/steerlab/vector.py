@@ -213,9 +213,7 @@ class SteeringVector:
         return self.directions[layer].to(device=device, dtype=dtype)
 
     # ----- compatibility ------------------------------------------------------------------
-    def check_model(
-        self, model: ModelIdentity, allow_mismatch: bool = False
-    ) -> list[str]:
+    def check_model(self, model: ModelIdentity, allow_mismatch: bool = False) -> list[str]:
         """Check that this vector fits ``model``.
 
         Returns:
@@ -292,7 +290,11 @@ class SteeringVector:
             raise SteerlabError(f"vector file '{path}' does not exist: check the path")
         with source.open("rb") as handle:
             magic = handle.read(8)
-        if source.suffix.lower() in _PICKLE_SUFFIXES or magic[:2] in (b"\x80\x02", b"\x80\x04", b"PK"):
+        if source.suffix.lower() in _PICKLE_SUFFIXES or magic[:2] in (
+            b"\x80\x02",
+            b"\x80\x04",
+            b"PK",
+        ):
             raise SteerlabError(
                 f"'{path}' is a pickle/torch file, which steerlab never loads (it can run code): "
                 "convert it to safetensors with the tool that made it"

@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import pytest
+import torch
+from conftest import identity, random_vector
+
+from steerlab import SteeringVector, SteerlabError
+from steerlab.llamacpp import export_gguf, import_gguf
+from steerlab.vector import ModelIdentity
+
+
+def test_immutable_and_arithmetic(llama):
+    a = random_vector(llama, [1, 2], seed=1)
+    b = random_vector(llama, [2, 3], seed=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.method = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        a.directions[1] = torch.zeros(32)  # type: ignore[index]
+    assert torch.equal((a * 2).directions[1], a.directions[1] * 2)
+    assert torch.equal((-a).directions[2], -a.directions[2])
+    s = a + b
+    assert s.layers == [1, 2, 3] and torch.equal(s.directions[2], a.directions[2] + b.directions[2])
+    d = a - b
+    assert torch.equal(d.directions[3], -b.directions[3]) and d.method == "(random - random)"
+    n = a.normalize()
+    assert all(abs(v - 1) < 1e-6 for v in n.norms().values())
+    sel = a.select([2])
+    assert sel.layers == [2] and list(sel.residual_norms) == [2]
+    with pytest.raises(SteerlabError, match="has no layer 7"):
+        a.select([7])
+    assert a.directions[1].dtype == torch.float32  # the original is untouched
+
+
+def test_validation_rejects_nan_and_wrong_width(llama):
+    ident = identity(llama)
+    with pytest.raises(ValueError, match="NaN"):
+        SteeringVector({1: torch.tensor([float("nan")] * 32)}, ident)
+    with pytest.raises(ValueError, match="width 31"):
+        SteeringVector({1: torch.zeros(31)}, ident)
+    with pytest.raises(ValueError, match="outside 0..3"):
+        SteeringVector({4: torch.zeros(32)}, ident)
+
+
+def test_safetensors_round_trip_keeps_everything(llama, tmp_path):
+    v = random_vector(llama, [0, 2])
+    path = v.save(tmp_path / "v.safetensors")
+    w = SteeringVector.load(path)
+    assert w.metadata() == v.metadata()
+    for layer in v.layers:
+        assert torch.equal(v.directions[layer], w.directions[layer])
+    assert not list(tmp_path.glob(".v.safetensors.*"))  # no temp file left
+
+
+def test_save_is_atomic(llama, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    target = tmp_path / "v.safetensors"
+    random_vector(llama, [1]).save(target)
+    before = target.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        random_vector(llama, [1], seed=9).save(target)
+    assert target.read_bytes() == before and len(list(tmp_path.iterdir())) == 1
+
+
+def test_pickles_and_foreign_files_are_refused(llama, tmp_path):
+    pt = tmp_path / "v.pt"
+    torch.save({"x": torch.zeros(3)}, pt)
+    with pytest.raises(SteerlabError, match="pickle/torch file, which steerlab never loads"):
+        SteeringVector.load(pt)
+    disguised = tmp_path / "v.safetensors"
+    disguised.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with pytest.raises(SteerlabError, match="never loads"):
+        SteeringVector.load(disguised)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(SteerlabError, match="not a readable safetensors file"):
+        SteeringVector.load(junk)
+    with pytest.raises(SteerlabError, match="does not exist"):
+        SteeringVector.load(tmp_path / "absent.safetensors")
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, plain)
+    with pytest.raises(SteerlabError, match="no steerlab metadata"):
+        SteeringVector.load(plain)
+
+
+def test_model_checks(llama):
+    v = random_vector(llama, [1])
+    me = identity(llama)
+    assert v.check_model(me) == []
+    with pytest.raises(SteerlabError, match="hidden size 32"):
+        v.check_model(dataclasses.replace(me, hidden_size=64))
+    with pytest.raises(SteerlabError, match="4-layer model"):
+        v.check_model(dataclasses.replace(me, num_layers=6))
+    other = dataclasses.replace(me, name="other", fingerprint="feedbeef")
+    with pytest.raises(SteerlabError, match="--allow-model-mismatch"):
+        v.check_model(other)
+    assert v.check_model(other, allow_mismatch=True) == [
+        "transferring a vector made on tiny-llama to other"
+    ]
+
+
+def test_gguf_round_trip_and_refusals(llama, tmp_path):
+    v = random_vector(llama, [1, 3])
+    path = export_gguf(v, tmp_path / "v.gguf")
+    w = SteeringVector.load(path)  # dispatches on the GGUF magic
+    assert w.metadata() == v.metadata()
+    with pytest.raises(SteerlabError, match="cannot steer layer 0"):
+        export_gguf(random_vector(llama, [0, 1]), tmp_path / "z.gguf")
+    with pytest.raises(SteerlabError, match="position-wise"):
+        export_gguf(random_vector(llama, [1], rows=3), tmp_path / "a.gguf")
+    assert not (tmp_path / "z.gguf").exists() and not (tmp_path / "a.gguf").exists()
+
+
+def test_import_repeng_style_gguf(tmp_path):
+    """A file as repeng's export_gguf writes it: model_hint, layer_count = #directions."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "repeng.gguf"
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", "llama")
+    writer.add_uint32("controlvector.layer_count", 2)
+    writer.add_tensor("direction.1", np.arange(32, dtype=np.float32))
+    writer.add_tensor("direction.3", np.ones(32, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    v = import_gguf(path)
+    assert v.layers == [1, 3] and v.method == "imported" and v.model.fingerprint is None
+    assert torch.equal(v.directions[1], torch.arange(32, dtype=torch.float32))
+    warnings = v.check_model(ModelIdentity("tiny", "llama", 32, 4, "abc"))
+    assert warnings and "does not record" in warnings[0]
+    with pytest.raises(SteerlabError, match="hidden size"):
+        v.check_model(ModelIdentity("tiny", "llama", 64, 4, "abc"))
