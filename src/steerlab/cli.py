@@ -103,7 +103,7 @@ def extract(
         )
     data = load_dataset(dataset, fmt, negatives)  # type: ignore[arg-type]
     for warning in data.warnings:
-        err.print(f"[yellow]warning:[/] {warning}")
+        _warn(warning)
     lm = _load(model, device, dtype, layers_path)
     vec = run(
         lm,
@@ -226,7 +226,7 @@ def _steerings(
         ),
         allow_mismatch,
     ):
-        err.print(f"[yellow]warning:[/] {warning}")
+        _warn(warning)
     chosen = None if layers is None else tuple(resolve_layers(layers, info.num_layers))
     return [Steering(vec, 1.0, chosen, policy, scale)]  # type: ignore[arg-type]
 
@@ -307,32 +307,41 @@ def generate(
             out.print(text)
 
 
+def _fail(message: str) -> None:
+    """Print ``error: message`` unwrapped (no markup, no traceback) and exit 2."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"warning: {message}\n")
+
+
 def main() -> None:
     """Entry point: one-line errors with exit status 2, never a traceback for bad input."""
-    import click
-
     command = typer.main.get_command(app)
     try:
-        command.main(standalone_mode=False)
+        result = command.main(standalone_mode=False)
     except SteerlabError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, markup=True)
-        sys.exit(2)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        err.print("interrupted")
+        _fail(str(exc))
+    except (KeyboardInterrupt, EOFError):
+        sys.stderr.write("interrupted\n")
         sys.exit(130)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        err.print(
-            f"[red]error:[/] {exc.strerror}: '{exc.filename}': check the path", highlight=False
-        )
-        sys.exit(2)
+        _fail(f"{exc.strerror}: '{exc.filename}': check the path")
+    except Exception as exc:
+        # Click's own exceptions (typer may vendor click, so match by shape, not class).
+        name = type(exc).__name__
+        if name == "Exit":
+            sys.exit(int(getattr(exc, "exit_code", 0)))
+        if name == "Abort":
+            sys.stderr.write("interrupted\n")
+            sys.exit(130)
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+            exc.show()
+            sys.exit(int(exc.exit_code))
+        raise
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def detect_format(record: dict[str, Any]) -> Format | None:
     if "answer_matching_behavior" in record:
         answer = str(record.get("answer_matching_behavior", "")).strip().strip("()").lower()
         return "yesno" if answer in ("yes", "no") else "ab"
-    if "positive" in record and "negative" in record:
+    if "positive" in record or "negative" in record:
         return "pairs"
     if "text" in record:
         return "unpaired"

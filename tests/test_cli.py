@@ -1,0 +1,221 @@
+"""The command line: real subprocesses, exit codes, one-line errors and no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import tiny
+
+
+def run(*args: str, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "steerlab.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def assert_error(result, message: str):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.replace("\n", " "), result.stderr
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    lm = tiny.model("llama")
+    lm.model.save_pretrained(root / "model")
+    lm.tokenizer.save_pretrained(root / "model")
+    data = root / "pairs.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Q{i}", "positive": "yes good", "negative": "no bad"}) + "\n"
+            for i in range(8)
+        )
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def vector(workspace):
+    out = workspace / "vec.safetensors"
+    result = run(
+        "extract",
+        str(workspace / "pairs.jsonl"),
+        "--model",
+        str(workspace / "model"),
+        "--layers",
+        "1-3",
+        "-o",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and out.is_file()
+    return out
+
+
+def test_help_lists_commands():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("info", "extract", "generate", "vector"):
+        assert command in result.stdout
+
+
+def test_info_json(workspace):
+    result = run("info", str(workspace / "model"), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["architecture"] == "llama" and info["num_layers"] == 4 and info["hidden_size"] == 32
+    assert info["chat_template"] is True and info["dtype"] == "float32" and info["device"] == "cpu"
+
+
+def test_vector_show_and_gguf_round_trip(workspace, vector):
+    shown = run("vector", "show", str(vector), "--json")
+    assert shown.returncode == 0, shown.stderr
+    meta = json.loads(shown.stdout)
+    assert (
+        meta["layers"] == [1, 2, 3]
+        and meta["method"] == "mean-diff"
+        and set(meta["norms"]) == {"1", "2", "3"}
+    )
+    gguf = workspace / "vec.gguf"
+    assert run("vector", "export-gguf", str(vector), "-o", str(gguf)).returncode == 0
+    back = workspace / "back.safetensors"
+    result = run("vector", "import-gguf", str(gguf), "-o", str(back))
+    assert result.returncode == 0 and "layers 1,2,3" in result.stdout
+    assert run("vector", "show", str(back)).returncode == 0
+
+
+def test_generate_json_and_table(workspace, vector):
+    result = run(
+        "generate",
+        "hello",
+        "--model",
+        str(workspace / "model"),
+        "--vector",
+        str(vector),
+        "--layer",
+        "2",
+        "-x",
+        "4",
+        "-x",
+        "-4",
+        "-n",
+        "6",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert [c["multiplier"] for c in payload["completions"]] == [0.0, 4.0, -4.0]
+    assert payload["layers"] == [2] and payload["policy"] == "after-prompt"
+    table = run(
+        "generate",
+        "hello",
+        "--model",
+        str(workspace / "model"),
+        "--vector",
+        str(vector),
+        "-n",
+        "4",
+        "--policy",
+        "transient",
+    )
+    assert table.returncode == 0 and "unsteered" in table.stdout
+
+
+def test_bad_inputs_are_one_line_errors(workspace, vector, tmp_path):
+    model = str(workspace / "model")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"positive": "a"}\n{oops\n')
+    out = tmp_path / "v.safetensors"
+    r = run("extract", str(bad), "--model", model, "-o", str(out))
+    assert_error(r, "2 problems in dataset")
+    assert (
+        "bad.jsonl:1: field 'negative' is missing" in r.stderr
+        and "bad.jsonl:2: invalid JSON" in r.stderr
+    )
+    assert not out.exists()
+    assert_error(
+        run(
+            "extract",
+            str(workspace / "pairs.jsonl"),
+            "--model",
+            model,
+            "--layers",
+            "9",
+            "-o",
+            str(out),
+        ),
+        "layer 9 does not exist",
+    )
+    assert not out.exists()
+    assert_error(
+        run("extract", str(tmp_path / "none.jsonl"), "--model", model, "-o", str(out)),
+        "does not exist",
+    )
+    assert_error(
+        run(
+            "extract",
+            str(workspace / "pairs.jsonl"),
+            "--model",
+            model,
+            "--method",
+            "svm",
+            "-o",
+            str(out),
+        ),
+        "unknown method 'svm'",
+    )
+    assert_error(run("info", "no-such-alias-dir/x/y"), "does not exist")
+    pickle_file = tmp_path / "v.pt"
+    pickle_file.write_bytes(b"\x80\x04junk")
+    assert_error(run("vector", "show", str(pickle_file)), "never loads")
+    assert_error(
+        run("generate", "hi", "--model", model, "--vector", str(vector), "--layer", "0"),
+        "has no layer 0",
+    )
+    assert_error(
+        run("generate", "hi", "--model", model, "--vector", str(vector), "--policy", "actadd"),
+        "position-wise",
+    )
+    assert_error(
+        run(
+            "generate",
+            "hi",
+            "--model",
+            model,
+            "--vector",
+            str(vector),
+            "--policy",
+            "from-marker:ZZZ",
+        ),
+        "does not occur",
+    )
+    assert_error(
+        run("generate", "hi", "--model", model, "--vector", str(vector), "-x", "nan"), "finite"
+    )
+    assert_error(
+        run("vector", "export-gguf", str(vector), "-o", str(tmp_path / "x.gguf"), "--bogus"),
+        "No such option",
+    )
+    other = tiny.model("llama", seed=5)
+    other.model.save_pretrained(tmp_path / "other")
+    other.tokenizer.save_pretrained(tmp_path / "other")
+    assert_error(
+        run("generate", "hi", "--model", str(tmp_path / "other"), "--vector", str(vector)),
+        "--allow-model-mismatch",
+    )
+    ok = run(
+        "generate",
+        "hi",
+        "--model",
+        str(tmp_path / "other"),
+        "--vector",
+        str(vector),
+        "--allow-model-mismatch",
+        "-n",
+        "3",
+    )
+    assert ok.returncode == 0 and "transferring" in ok.stderr
