@@ -208,6 +208,15 @@ class SteeringVector:
             residual_norms={k: v for k, v in self.residual_norms.items() if k in chosen},
         )
 
+    def tiled(self, rows: int) -> SteeringVector:
+        """A position-wise copy with every direction repeated ``rows`` times (for ``actadd``)."""
+        if self.positionwise:
+            raise ValueError("the vector is position-wise already")
+        if rows < 1:
+            raise ValueError(f"rows must be at least 1, got {rows}")
+        tiles = {k: v.unsqueeze(0).repeat(rows, 1) for k, v in self.directions.items()}
+        return replace(self, directions=tiles, method=f"{self.method} x{rows} rows")
+
     def to_tensor(self, layer: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """The direction for ``layer`` on ``device`` in ``dtype`` (a copy)."""
         return self.directions[layer].to(device=device, dtype=dtype)

@@ -1,0 +1,161 @@
+"""Measuring steering: behaviour probability, judged generation, side effects and KL."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from steerlab.chat import encode, pad_batch, render
+from steerlab.dataset import Dataset
+from steerlab.errors import SteerlabError
+from steerlab.generation import Sampling, generate
+from steerlab.judges import Judge
+from steerlab.layers import embedding_weight
+from steerlab.model import LoadedModel
+from steerlab.steering import Steerer, Steering
+
+
+@dataclass(frozen=True)
+class ABResult:
+    """p(matching) / (p(matching) + p(not matching)) per item, and its mean."""
+
+    mean: float
+    scores: tuple[float, ...]
+
+
+@torch.no_grad()
+def behaviour_probability(
+    lm: LoadedModel,
+    dataset: Dataset,
+    steering: Sequence[Steering] = (),
+    *,
+    batch_size: int = 16,
+    chat: bool = True,
+    system: str | None = None,
+) -> ABResult:
+    """The CAA A/B metric (and its Yes/No analogue) under steering.
+
+    A/B items end the prompt with the assistant turn opened by ``(``; the score is
+    p(matching letter) / (p(A) + p(B)) at the next token. Yes/No items score
+    p(matching answer) / (p(Yes) + p(No)). Every policy applies to the one forward pass
+    (``transient`` and ``after-prompt`` both steer the last position there).
+    """
+    if dataset.format not in ("ab", "yesno"):
+        raise SteerlabError(f"behaviour probability needs an ab or yesno dataset, not {dataset.format}")
+    tok = lm.tokenizer
+    prefix = "(" if dataset.format == "ab" else ""
+
+    def first_token(text: str) -> int:
+        return int(tok(text, add_special_tokens=False)["input_ids"][0])
+
+    seqs, pairs_ids = [], []
+    for p in dataset.pairs:
+        seqs.append(encode(tok, render(tok, p.prompt or "", system=system, assistant_prefix=prefix, chat=chat)))
+        pos = p.positive.strip("()") if dataset.format == "ab" else p.positive
+        neg = p.negative.strip("()") if dataset.format == "ab" else p.negative
+        pairs_ids.append((first_token(pos), first_token(neg)))
+    device = embedding_weight(lm.model).device
+    scores: list[float] = []
+    for begin in range(0, len(seqs), batch_size):
+        chunk = seqs[begin : begin + batch_size]
+        ids, mask = pad_batch(chunk, int(tok.pad_token_id), "left")
+        steerer = Steerer(lm.model, list(steering), lm.layers, [len(s) for s in chunk], tok, allow_transient=True)
+        steerer.transient_phase = True
+        with steerer:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)).logits[:, -1].float()
+        probs = torch.softmax(logits, -1).cpu()
+        for row, (a, b) in enumerate(pairs_ids[begin : begin + batch_size]):
+            pa, pb = float(probs[row, a]), float(probs[row, b])
+            scores.append(pa / (pa + pb) if pa + pb > 0 else 0.5)
+    return ABResult(mean=sum(scores) / len(scores), scores=tuple(scores))
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Distinct n-grams over all n-grams of the completions (1 = no repetition)."""
+    total, unique = 0, set()
+    for t in texts:
+        words = t.split()
+        grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+        total += len(grams)
+        unique.update(grams)
+    return len(unique) / total if total else 1.0
+
+
+@torch.no_grad()
+def text_perplexity(lm: LoadedModel, text: str, steering: Sequence[Steering] = ()) -> float:
+    """Perplexity of ``text`` under the (steered) model, every position steered as generated
+    text would be (the text is the continuation of an empty prompt)."""
+    ids = lm.tokenizer(text)["input_ids"]
+    if len(ids) < 2:
+        raise SteerlabError("the neutral text needs at least two tokens")
+    device = embedding_weight(lm.model).device
+    tensor = torch.tensor([ids], device=device)
+    steerer = Steerer(lm.model, list(steering), lm.layers, [1], lm.tokenizer, allow_transient=True)
+    steerer.transient_phase = True
+    with steerer:
+        logits = lm.model(input_ids=tensor).logits[0, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits, tensor[0, 1:])
+    return float(torch.exp(nll))
+
+
+NEUTRAL_TEXT = (
+    "The library opens at nine in the morning and closes at six in the evening. Visitors can "
+    "borrow up to five books at a time, and the loan period is three weeks. The reading room "
+    "is on the second floor, next to the map collection."
+)
+
+
+@dataclass(frozen=True)
+class GenerationScore:
+    """Judged generation with its side effects.
+
+    Attributes:
+        behaviour: mean judge score of the completions.
+        perplexity: perplexity of the completions under the unsteered model.
+        distinct2: distinct bigrams / bigrams (repetition).
+        kl: mean per-step KL(steered || unsteered) of the next-token distributions.
+        neutral_perplexity: the steered model's perplexity on a neutral text.
+        texts: the completions.
+    """
+
+    behaviour: float
+    perplexity: float
+    distinct2: float
+    kl: float
+    neutral_perplexity: float
+    texts: tuple[str, ...] = field(default_factory=tuple)
+
+
+def judged_generation(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    steering: Sequence[Steering],
+    judge: Judge,
+    sampling: Sampling | None = None,
+    *,
+    chat: bool = True,
+    system: str | None = None,
+    neutral_text: str = NEUTRAL_TEXT,
+) -> GenerationScore:
+    """Generate from ``prompts`` with ``steering`` and score behaviour and side effects."""
+    sampling = sampling or Sampling(max_new_tokens=32)
+    texts, out = generate(lm, prompts, list(steering), sampling, chat=chat, system=system, track_unsteered=True)
+    assert out.kl is not None and out.unsteered_logprobs is not None
+    nll, count, kl_sum = 0.0, 0, 0.0
+    for r, n in enumerate(out.lengths):
+        nll -= float(out.unsteered_logprobs[r, :n].sum())
+        kl_sum += float(out.kl[r, :n].sum())
+        count += n
+    scores = [s for s in judge(texts) if not math.isnan(s)]
+    return GenerationScore(
+        behaviour=sum(scores) / len(scores) if scores else float("nan"),
+        perplexity=math.exp(nll / max(count, 1)),
+        distinct2=distinct_n(texts, 2),
+        kl=kl_sum / max(count, 1),
+        neutral_perplexity=text_perplexity(lm, neutral_text, steering),
+        texts=tuple(texts),
+    )
