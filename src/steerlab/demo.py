@@ -16,7 +16,11 @@ from steerlab.steering import Steering
 from steerlab.sweep import DEFAULT_PROMPTS, SweepConfig, compare_policies, run_sweep
 from steerlab.vector import SteeringVector
 
-SHOWCASE_PROMPTS = ("Tell me about your day.", "Write a sentence about the ocean.", "What do you think of cats?")
+SHOWCASE_PROMPTS = (
+    "Tell me about your day.",
+    "Write a sentence about the ocean.",
+    "What do you think of cats?",
+)
 
 
 def sentiment_dataset_path() -> Path:
@@ -48,19 +52,43 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo and write ``report.md`` (with the sweep and policy reports) to ``out_dir``."""
     data = load_dataset(sentiment_dataset_path())
-    config = SweepConfig(layers=layers, multipliers=multipliers, max_new_tokens=max_new_tokens, prompts=DEFAULT_PROMPTS)
+    config = SweepConfig(
+        layers=layers,
+        multipliers=multipliers,
+        max_new_tokens=max_new_tokens,
+        prompts=DEFAULT_PROMPTS,
+    )
     judge = sentiment()
-    sweep = run_sweep(lm, data, config, out_dir / "sweep", judge=judge, behaviour_label="VADER sentiment", fresh=fresh, on_row=on_row)
+    sweep = run_sweep(
+        lm,
+        data,
+        config,
+        out_dir / "sweep",
+        judge=judge,
+        behaviour_label="VADER sentiment",
+        fresh=fresh,
+        on_row=on_row,
+    )
     best = sweep["recommendation"]
     layer = int(best["layer"]) if best else layers[len(layers) // 2]
     multiplier = abs(float(best["multiplier"])) if best else 4.0
     vector = SteeringVector.load(out_dir / "sweep" / "vector.safetensors")
     steering = [Steering(vector, 1.0, (layer,))]
     sampling = Sampling(max_new_tokens=max_new_tokens + 16)
-    side = [(p, generate_multipliers(lm, p, steering, [multiplier, -multiplier], sampling)) for p in SHOWCASE_PROMPTS]
+    side = [
+        (p, generate_multipliers(lm, p, steering, [multiplier, -multiplier], sampling))
+        for p in SHOWCASE_PROMPTS
+    ]
     policies = compare_policies(
-        lm, vector, layer, multiplier, DEFAULT_PROMPTS, judge, out_dir / "policies",
-        max_new_tokens=max_new_tokens, behaviour_label="VADER sentiment",
+        lm,
+        vector,
+        layer,
+        multiplier,
+        DEFAULT_PROMPTS,
+        judge,
+        out_dir / "policies",
+        max_new_tokens=max_new_tokens,
+        behaviour_label="VADER sentiment",
     )
     report = out_dir / "report.md"
     lines = [

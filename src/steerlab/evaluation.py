@@ -44,7 +44,9 @@ def behaviour_probability(
     (``transient`` and ``after-prompt`` both steer the last position there).
     """
     if dataset.format not in ("ab", "yesno"):
-        raise SteerlabError(f"behaviour probability needs an ab or yesno dataset, not {dataset.format}")
+        raise SteerlabError(
+            f"behaviour probability needs an ab or yesno dataset, not {dataset.format}"
+        )
     tok = lm.tokenizer
     prefix = "(" if dataset.format == "ab" else ""
 
@@ -53,7 +55,11 @@ def behaviour_probability(
 
     seqs, pairs_ids = [], []
     for p in dataset.pairs:
-        seqs.append(encode(tok, render(tok, p.prompt or "", system=system, assistant_prefix=prefix, chat=chat)))
+        seqs.append(
+            encode(
+                tok, render(tok, p.prompt or "", system=system, assistant_prefix=prefix, chat=chat)
+            )
+        )
         pos = p.positive.strip("()") if dataset.format == "ab" else p.positive
         neg = p.negative.strip("()") if dataset.format == "ab" else p.negative
         pairs_ids.append((first_token(pos), first_token(neg)))
@@ -62,11 +68,21 @@ def behaviour_probability(
     for begin in range(0, len(seqs), batch_size):
         chunk = seqs[begin : begin + batch_size]
         ids, mask = pad_batch(chunk, int(tok.pad_token_id), "left")
-        steerer = Steerer(lm.model, list(steering), lm.layers, [len(s) for s in chunk], tok, allow_transient=True)
+        steerer = Steerer(
+            lm.model, list(steering), lm.layers, [len(s) for s in chunk], tok, allow_transient=True
+        )
         steerer.transient_phase = True
         with steerer:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)).logits[:, -1].float()
+            logits = (
+                lm.model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=positions.to(device),
+                )
+                .logits[:, -1]
+                .float()
+            )
         probs = torch.softmax(logits, -1).cpu()
         for row, (a, b) in enumerate(pairs_ids[begin : begin + batch_size]):
             pa, pb = float(probs[row, a]), float(probs[row, b])
@@ -143,7 +159,9 @@ def judged_generation(
 ) -> GenerationScore:
     """Generate from ``prompts`` with ``steering`` and score behaviour and side effects."""
     sampling = sampling or Sampling(max_new_tokens=32)
-    texts, out = generate(lm, prompts, list(steering), sampling, chat=chat, system=system, track_unsteered=True)
+    texts, out = generate(
+        lm, prompts, list(steering), sampling, chat=chat, system=system, track_unsteered=True
+    )
     assert out.kl is not None and out.unsteered_logprobs is not None
     nll, count, kl_sum = 0.0, 0, 0.0
     for r, n in enumerate(out.lengths):

@@ -16,7 +16,9 @@ def sentiment() -> Judge:
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError:
-        raise SteerlabError("the sentiment judge needs vadersentiment: pip install 'steerlab[eval]'") from None
+        raise SteerlabError(
+            "the sentiment judge needs vadersentiment: pip install 'steerlab[eval]'"
+        ) from None
     analyzer = SentimentIntensityAnalyzer()
 
     def judge(texts: Sequence[str]) -> list[float]:
@@ -68,20 +70,31 @@ def llm(
     """
     import httpx
 
-    url = base_url.rstrip("/") + ("/chat/completions" if base_url.rstrip("/").endswith("/v1") else "/v1/chat/completions")
+    url = base_url.rstrip("/") + (
+        "/chat/completions" if base_url.rstrip("/").endswith("/v1") else "/v1/chat/completions"
+    )
 
     def judge(texts: Sequence[str]) -> list[float]:
         scores = []
         with httpx.Client(timeout=timeout) as client:
             for text in texts:
                 prompt = rubric.format(behaviour=behaviour, text=text)
-                body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 8}
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": prompt}],
+                    "temperature": 0,
+                    "max_tokens": 8,
+                }
                 try:
-                    response = client.post(url, json=body, headers={"Authorization": f"Bearer {api_key}"})
+                    response = client.post(
+                        url, json=body, headers={"Authorization": f"Bearer {api_key}"}
+                    )
                     response.raise_for_status()
                     reply = response.json()["choices"][0]["message"]["content"]
                 except (httpx.HTTPError, KeyError, IndexError, json.JSONDecodeError) as exc:
-                    raise SteerlabError(f"the LLM judge at {url} failed ({type(exc).__name__}): check --judge-url and that the server runs") from None
+                    raise SteerlabError(
+                        f"the LLM judge at {url} failed ({type(exc).__name__}): check --judge-url and that the server runs"
+                    ) from None
                 match = re.search(r"-?\d+(\.\d+)?", str(reply))
                 scores.append(float(match.group()) / 10.0 if match else float("nan"))
         return scores

@@ -52,7 +52,9 @@ def sweep_plots(rows: Sequence[dict[str, Any]], out_dir: Path, behaviour_label: 
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for layer in layers:
-        cells = [(r["fluency"], r["behaviour"], r["multiplier"]) for r in rows if r["layer"] == layer]
+        cells = [
+            (r["fluency"], r["behaviour"], r["multiplier"]) for r in rows if r["layer"] == layer
+        ]
         ax.scatter([c[0] for c in cells], [c[1] for c in cells], label=f"layer {layer}")
         for x, y, m in cells:
             ax.annotate(f"{m:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")

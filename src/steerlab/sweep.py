@@ -172,7 +172,13 @@ def recommend(rows: Sequence[dict[str, Any]], bound: float) -> dict[str, Any] | 
     if not base:
         return None
     base_b, base_f = base[0]["behaviour"], base[0]["fluency"]
-    ok = [r for r in rows if r["multiplier"] != 0 and r["fluency"] <= bound * base_f and not math.isnan(r["behaviour"])]
+    ok = [
+        r
+        for r in rows
+        if r["multiplier"] != 0
+        and r["fluency"] <= bound * base_f
+        and not math.isnan(r["behaviour"])
+    ]
     if not ok:
         return None
     best = max(ok, key=lambda r: r["behaviour"] - base_b)
@@ -216,8 +222,14 @@ def run_sweep(
     if ab:
         test = test.subset(list(range(min(len(test), config.max_test_items))))
     elif judge is None:
-        raise SteerlabError("a sweep on free-text data needs a judge: pass --judge sentiment or --keywords")
-    prompts = list(config.prompts) or sorted({p.prompt for p in test.pairs if p.prompt})[:8] or list(DEFAULT_PROMPTS)
+        raise SteerlabError(
+            "a sweep on free-text data needs a judge: pass --judge sentiment or --keywords"
+        )
+    prompts = (
+        list(config.prompts)
+        or sorted({p.prompt for p in test.pairs if p.prompt})[:8]
+        or list(DEFAULT_PROMPTS)
+    )
     sampling = Sampling(max_new_tokens=config.max_new_tokens)
     policy = Policy.parse(config.policy)
     cells = [(layer, m) for layer in config.layers for m in config.multipliers]
@@ -234,19 +246,47 @@ def run_sweep(
             if ab:
                 score = behaviour_probability(lm, test, steering).mean
                 fluency = text_perplexity(lm, _neutral(), steering)
-                row = {"behaviour": score, "fluency": fluency, "perplexity": float("nan"), "distinct2": float("nan"), "kl": float("nan"), "neutral_perplexity": fluency}
+                row = {
+                    "behaviour": score,
+                    "fluency": fluency,
+                    "perplexity": float("nan"),
+                    "distinct2": float("nan"),
+                    "kl": float("nan"),
+                    "neutral_perplexity": fluency,
+                }
             else:
                 assert judge is not None
                 g = judged_generation(lm, prompts, steering, judge, sampling)
-                row = {"behaviour": g.behaviour, "fluency": g.perplexity, "perplexity": g.perplexity, "distinct2": g.distinct2, "kl": g.kl, "neutral_perplexity": g.neutral_perplexity, "example": g.texts[0]}
-            row.update({"layer": layer, "multiplier": mult, "policy": str(policy), "n_test": len(test) if ab else len(prompts)})
+                row = {
+                    "behaviour": g.behaviour,
+                    "fluency": g.perplexity,
+                    "perplexity": g.perplexity,
+                    "distinct2": g.distinct2,
+                    "kl": g.kl,
+                    "neutral_perplexity": g.neutral_perplexity,
+                    "example": g.texts[0],
+                }
+            row.update(
+                {
+                    "layer": layer,
+                    "multiplier": mult,
+                    "policy": str(policy),
+                    "n_test": len(test) if ab else len(prompts),
+                }
+            )
         if mult == 0:
             base_row = row
         results.add(row)
         if on_row is not None:
             on_row(row)
     rows = sorted(
-        (r for r in results.rows if r["layer"] in config.layers and r["multiplier"] in config.multipliers and r["policy"] == str(policy)),
+        (
+            r
+            for r in results.rows
+            if r["layer"] in config.layers
+            and r["multiplier"] in config.multipliers
+            and r["policy"] == str(policy)
+        ),
         key=lambda r: (r["layer"], r["multiplier"]),
     )
     _write_table(rows, out_dir, "results")
@@ -265,7 +305,11 @@ def _neutral() -> str:
 
 
 def _fmt(x: Any) -> str:
-    return f"{x:.3f}" if isinstance(x, float) and math.isfinite(x) else ("-" if isinstance(x, float) else str(x))
+    return (
+        f"{x:.3f}"
+        if isinstance(x, float) and math.isfinite(x)
+        else ("-" if isinstance(x, float) else str(x))
+    )
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -275,11 +319,21 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 
 
 def write_sweep_report(
-    out_dir: Path, rows: Sequence[dict[str, Any]], best: dict[str, Any] | None, config: SweepConfig,
-    dataset: Dataset, behaviour_label: str, ab: bool, plots: Sequence[Path],
+    out_dir: Path,
+    rows: Sequence[dict[str, Any]],
+    best: dict[str, Any] | None,
+    config: SweepConfig,
+    dataset: Dataset,
+    behaviour_label: str,
+    ab: bool,
+    plots: Sequence[Path],
 ) -> Path:
     """``report.md``: setup, the recommendation and its rule, the table and the plots."""
-    fluency = "steered perplexity on a neutral text" if ab else "perplexity of the completions under the unsteered model"
+    fluency = (
+        "steered perplexity on a neutral text"
+        if ab
+        else "perplexity of the completions under the unsteered model"
+    )
     lines = [
         "# steerlab sweep report\n",
         f"- dataset: `{dataset.info.path}` ({dataset.format}, {dataset.info.size} records, sha256 `{dataset.info.sha256[:12]}`)",
@@ -296,7 +350,21 @@ def write_sweep_report(
         )
     else:
         lines.append("No cell meets the rule: try smaller multipliers or other layers.\n")
-    lines += ["## Results\n", markdown_table(rows, ["layer", "multiplier", "behaviour", "fluency", "kl", "distinct2", "neutral_perplexity"])]
+    lines += [
+        "## Results\n",
+        markdown_table(
+            rows,
+            [
+                "layer",
+                "multiplier",
+                "behaviour",
+                "fluency",
+                "kl",
+                "distinct2",
+                "neutral_perplexity",
+            ],
+        ),
+    ]
     lines += ["## Plots\n", *(f"![{p.stem}]({p.name})\n" for p in plots)]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
@@ -328,7 +396,9 @@ def compare_policies(
         example completion, and the A/B score when ``ab_dataset`` is given.
     """
     if layer not in vector.directions:
-        raise SteerlabError(f"the vector has no layer {layer}: it has layers {','.join(map(str, vector.layers))}")
+        raise SteerlabError(
+            f"the vector has no layer {layer}: it has layers {','.join(map(str, vector.layers))}"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     single = vector.select([layer])
     sampling = Sampling(max_new_tokens=max_new_tokens)
@@ -342,8 +412,13 @@ def compare_policies(
             steering = [Steering(single, multiplier, (layer,), Policy.parse(name))]
         g = judged_generation(lm, prompts, steering, judge, sampling)
         row: dict[str, Any] = {
-            "policy": name, "behaviour": g.behaviour, "kl": g.kl, "perplexity": g.perplexity,
-            "distinct2": g.distinct2, "neutral_perplexity": g.neutral_perplexity, "example": g.texts[0],
+            "policy": name,
+            "behaviour": g.behaviour,
+            "kl": g.kl,
+            "perplexity": g.perplexity,
+            "distinct2": g.distinct2,
+            "neutral_perplexity": g.neutral_perplexity,
+            "example": g.texts[0],
         }
         if ab_dataset is not None:
             row["ab_score"] = behaviour_probability(lm, ab_dataset, steering).mean
@@ -352,7 +427,9 @@ def compare_policies(
     from steerlab.plots import policy_plots
 
     policy_plots(rows, out_dir, behaviour_label)
-    cols = ["policy", "behaviour", "kl", "perplexity", "distinct2"] + (["ab_score"] if ab_dataset else [])
+    cols = ["policy", "behaviour", "kl", "perplexity", "distinct2"] + (
+        ["ab_score"] if ab_dataset else []
+    )
     (out_dir / "policies.md").write_text(
         f"# Policy comparison: layer {layer}, multiplier {multiplier:g}\n\n"
         + markdown_table(rows, cols)
