@@ -42,6 +42,20 @@ def render(
     return Rendered(text=f"{head}User: {user}\nAssistant: {assistant_prefix}", templated=False)
 
 
+def render_messages(
+    tokenizer: Any, messages: Sequence[dict[str, str]], *, chat: bool = True
+) -> Rendered:
+    """Render a whole conversation (OpenAI-style ``role``/``content`` dicts), assistant turn open."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+        return Rendered(text=str(text), templated=True)
+    names = {"system": "", "user": "User: ", "assistant": "Assistant: "}
+    body = "\n".join(f"{names.get(m['role'], m['role'] + ': ')}{m['content']}" for m in messages)
+    return Rendered(text=f"{body}\nAssistant: ", templated=False)
+
+
 def encode(tokenizer: Any, rendered: Rendered) -> list[int]:
     """Token ids of a rendered prompt (special tokens added only for plain text)."""
     ids = tokenizer(rendered.text, add_special_tokens=not rendered.templated)["input_ids"]

@@ -524,6 +524,34 @@ def demo(
     out.print(f"report: {result.report}")
 
 
+@app.command()
+def serve(
+    vectors: Path = typer.Option(
+        ..., "--vectors", help="Directory of .safetensors/.gguf vectors (name = file stem)."
+    ),
+    model: str = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
+    port: int = typer.Option(8000, "--port"),
+    max_tokens: int = typer.Option(
+        512, "--max-tokens", help="Largest max_tokens a request may ask for."
+    ),
+    max_batch: int = typer.Option(8, "--max-batch", help="Rows per batch."),
+    allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch"),
+    device: str | None = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+) -> None:
+    """Serve an OpenAI-compatible API with per-request steering, and a playground at /."""
+    from steerlab.server import Limits, load_vectors
+    from steerlab.server import serve as run
+
+    lm = _load(model, device, dtype)
+    registry = load_vectors(vectors, lm, allow_model_mismatch)
+    err.print(
+        f"{len(registry)} vectors: {', '.join(sorted(registry)) or 'none'}; playground at http://{host}:{port}/"
+    )
+    run(lm, registry, host, port, Limits(max_tokens=max_tokens, max_batch=max_batch))
+
+
 def _fail(message: str) -> None:
     """Print ``error: message`` unwrapped (no markup, no traceback) and exit 2."""
     sys.stderr.write(f"error: {message}\n")

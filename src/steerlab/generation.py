@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +140,7 @@ def decode(
     eos_token_id: int | Sequence[int] | None = None,
     return_logits: bool = False,
     track_unsteered: bool = False,
+    on_step: Callable[[torch.Tensor, torch.Tensor], bool | None] | None = None,
 ) -> Decoded:
     """Generate from a left-padded batch with steering.
 
@@ -155,6 +156,8 @@ def decode(
         return_logits: keep every step's steered logits.
         track_unsteered: also run the unsteered model on the same tokens, for per-step KL
             and the unsteered log-probability of each generated token.
+        on_step: called after every step with the new tokens ``[batch]`` and the rows that
+            are done ``[batch]``; returning True stops decoding (used for streaming).
     """
     sampling = sampling or Sampling()
     if input_ids.shape != attention_mask.shape:
@@ -240,6 +243,7 @@ def decode(
                 kls.append((logp.exp() * (logp - logq)).sum(-1).cpu())
                 ref_logprobs.append(logq.gather(-1, token[:, None]).squeeze(-1).cpu())
             out_tokens.append(token.cpu())
+            stop_now = False
             if sampling.stop_at_eos and eos_set:
                 hit = torch.zeros_like(done)
                 for e in eos_set:
@@ -247,8 +251,11 @@ def decode(
                 for r in torch.nonzero(hit & ~done).flatten().tolist():
                     finished_at[r] = step + 1
                 done |= hit
-                if bool(done.all()):
-                    break
+                stop_now = bool(done.all())
+            if on_step is not None and on_step(token.cpu(), done.cpu()):
+                stop_now = True
+            if stop_now:
+                break
             step_ids = token[:, None]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     tokens = torch.stack(out_tokens, dim=1)  # [batch, n]
