@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import importlib.util
 import json
 import os
@@ -123,20 +125,31 @@ def _check_gguf(path: Path) -> None:
 def convert_gguf(path: Path) -> Path:
     """Convert a GGUF model once into a cached safetensors + tokenizer directory.
 
-    The cache key is the file's SHA-256, so an edited file converts again. The directory
+    The cache key is the file's SHA-256 (and the transformers major version), so an
+    edited file converts again. The directory
     is written under a temporary name and renamed, so a crash never leaves half a cache.
 
     Returns:
         The cached directory.
     """
     _check_gguf(path)
-    target = cache_root() / "gguf" / _sha256(path)[:32]
+    import transformers
+
+    # Saved tokenizers of transformers 5 do not load in 4.x: one cache per major version.
+    major = transformers.__version__.split(".", 1)[0]
+    target = cache_root() / "gguf" / f"{_sha256(path)[:32]}-tf{major}"
     if (target / "steerlab-converted.json").is_file():
         return target
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     _quiet()
+    # The GGUF reader draws its own tqdm bar on stderr; steerlab shows a status instead.
+    with contextlib.redirect_stderr(io.StringIO()):
+        _convert_into(path, target)
+    return target
+
+
+def _convert_into(path: Path, target: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -160,7 +173,16 @@ def convert_gguf(path: Path) -> Path:
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))
+        # Tied weights (lm_head = embeddings) are stored once, under the first name, as
+        # save_pretrained does; transformers 4.x and 5.x both re-tie them on load.
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for key, tensor in model.state_dict().items():
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            tensors[key] = tensor.detach().contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         (tmp / "steerlab-converted.json").write_text(
             json.dumps({"source": str(path), "file": path.name}, sort_keys=True)
@@ -172,7 +194,6 @@ def convert_gguf(path: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def fingerprint(model: nn.Module) -> str:

