@@ -26,7 +26,7 @@ SHARED = ROOT.parent / "shared" / "datasets" / "model-written-evals"
 DATA = SHARED / "advanced-ai-risk" / "corrigible-neutral-HHH.jsonl"
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
-PAIRS = int(os.environ.get("BENCH_PAIRS", "96"))
+PAIRS = int(os.environ.get("BENCH_PAIRS", "48"))
 BATCH = 16
 LAYER = 10
 NEW_TOKENS = 16 if os.environ.get("BENCH_QUICK") else 128
@@ -71,7 +71,9 @@ def extraction(lm: Any) -> dict[str, Any]:
             assert lm.tokenizer(text)["input_ids"] == item.ids, "peers would see other tokens"
             pair.append(text)
         texts.append(tuple(pair))
-    for (pos, neg), (ip, ineg) in zip(texts, zip(items[::2], items[1::2], strict=True), strict=True):
+    for (pos, neg), (ip, ineg) in zip(
+        texts, zip(items[::2], items[1::2], strict=True), strict=True
+    ):
         offsets[pos] = ip.start - len(ip.ids)  # negative index: robust to a BOS prefix
         offsets[neg] = ineg.start - len(ineg.ids)
     model, tok = lm.model, lm.tokenizer
@@ -89,10 +91,15 @@ def extraction(lm: Any) -> dict[str, Any]:
 
         def run_sv() -> None:
             theirs["v"] = sv.train_steering_vector(
-                model, tok, texts, layers=layers, read_token_index=lambda s: offsets[s], batch_size=BATCH
+                model,
+                tok,
+                texts,
+                layers=layers,
+                read_token_index=lambda s: offsets[s],
+                batch_size=BATCH,
             )
 
-        rows["steering-vectors"] = PAIRS / median_time(run_sv)
+        rows["steering-vectors"] = PAIRS / median_time(run_sv, 1)
         entries = [repeng.DatasetEntry(positive=a, negative=b) for a, b in texts]
 
         def run_repeng() -> None:
@@ -109,7 +116,11 @@ def extraction(lm: Any) -> dict[str, Any]:
 
         rows["naive loop (CAA code)"] = PAIRS / median_time(run_naive, 1)
         cos = min(
-            float(torch.nn.functional.cosine_similarity(ours["v"].directions[layer], theirs["v"].layer_activations[layer].float(), dim=0))
+            float(
+                torch.nn.functional.cosine_similarity(
+                    ours["v"].directions[layer], theirs["v"].layer_activations[layer].float(), dim=0
+                )
+            )
             for layer in layers
         )
         out[label] = {"pairs_per_s": rows, "min_cosine_vs_steering_vectors": cos}
@@ -132,13 +143,27 @@ def generation(lm: Any) -> dict[str, Any]:
     from steerlab.extraction import identity_of
 
     vec = SteeringVector({LAYER: direction}, identity_of(lm))
-    prompts = ["Tell me about your day.", "Write a poem about the sea.", "What is a steering vector?", "Describe a cat.",
-               "Explain photosynthesis.", "Plan a trip to Rome.", "Why is the sky blue?", "Give me a recipe."]
+    prompts = [
+        "Tell me about your day.",
+        "Write a poem about the sea.",
+        "What is a steering vector?",
+        "Describe a cat.",
+        "Explain photosynthesis.",
+        "Plan a trip to Rome.",
+        "Why is the sky blue?",
+        "Give me a recipe.",
+    ]
     out: dict[str, Any] = {"new_tokens": NEW_TOKENS}
     for batch in (1, 8):
         ids, mask = encode_prompts(lm, prompts[:batch])
-        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                      do_sample=False, pad_token_id=tok.pad_token_id)
+        kwargs = dict(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
         greedy = Sampling(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
         times: dict[str, float] = {}
 
@@ -156,7 +181,14 @@ def generation(lm: Any) -> dict[str, Any]:
             decode(model, ids, mask, [Steering(vec, 2.0)], greedy, layer_map=lm.layers)
 
         def loop_transient() -> None:
-            decode(model, ids, mask, [Steering(vec, 2.0, policy="transient")], greedy, layer_map=lm.layers)
+            decode(
+                model,
+                ids,
+                mask,
+                [Steering(vec, 2.0, policy="transient")],
+                greedy,
+                layer_map=lm.layers,
+            )
 
         sv_vec = sv.SteeringVector(layer_activations={LAYER: direction}, layer_type="decoder_block")
 
@@ -164,19 +196,28 @@ def generation(lm: Any) -> dict[str, Any]:
             with sv_vec.apply(model, multiplier=2.0, min_token_index=0):
                 model.generate(**kwargs)
 
-        for name, fn in (("HF generate, unsteered", hf_plain), ("HF generate + steerlab after-prompt", hf_steerlab),
-                         ("steerlab loop, unsteered", loop_plain), ("steerlab loop, after-prompt", loop_after),
-                         ("steerlab loop, transient", loop_transient), ("HF generate + steering-vectors (all positions)", hf_sv)):
-            fn()  # warm-up
+        hf_plain()  # warm-up
+        for name, fn in (
+            ("HF generate, unsteered", hf_plain),
+            ("HF generate + steerlab after-prompt", hf_steerlab),
+            ("steerlab loop, unsteered", loop_plain),
+            ("steerlab loop, after-prompt", loop_after),
+            ("steerlab loop, transient", loop_transient),
+            ("HF generate + steering-vectors (all positions)", hf_sv),
+        ):
             times[name] = median_time(fn)
         control = repeng.ControlModel(model, [LAYER])
         try:
-            control.set_control(repeng.ControlVector(model_type="llama", directions={LAYER: direction.numpy().astype(np.float32)}), 2.0)
+            control.set_control(
+                repeng.ControlVector(
+                    model_type="llama", directions={LAYER: direction.numpy().astype(np.float32)}
+                ),
+                2.0,
+            )
 
             def hf_repeng() -> None:
                 control.generate(**kwargs)
 
-            hf_repeng()
             times["HF generate + repeng ControlModel"] = median_time(hf_repeng)
         finally:
             control.unwrap()
@@ -189,9 +230,15 @@ def generation(lm: Any) -> dict[str, Any]:
     per_layers: dict[str, float] = {}
     for n in (0, 1, 5, lm.info.num_layers):
         layers = list(range(n))
-        steering = [] if n == 0 else [Steering(SteeringVector({k: direction for k in layers}, identity_of(lm)), 1.0)]
+        steering = (
+            []
+            if n == 0
+            else [Steering(SteeringVector({k: direction for k in layers}, identity_of(lm)), 1.0)]
+        )
         decode(model, ids, mask, steering, greedy, layer_map=lm.layers)
-        per_layers[str(n)] = 64 / median_time(lambda s=steering: decode(model, ids, mask, s, greedy, layer_map=lm.layers))
+        per_layers[str(n)] = 64 / median_time(
+            lambda s=steering: decode(model, ids, mask, s, greedy, layer_map=lm.layers)
+        )
     out["tokens_per_s_by_steered_layers"] = per_layers
     print("layers", per_layers, flush=True)
     return out
@@ -216,17 +263,21 @@ def status(key):
             return int(line.split()[1]) / 1024
 before = status("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-t = time.perf_counter(); extract(lm, data, [%d], batch_size=32); t = time.perf_counter() - t
+t = time.perf_counter(); extract(lm, data, [LAYER_PLACEHOLDER], batch_size=32); t = time.perf_counter() - t
 print(json.dumps({"pairs": n, "seconds": t, "peak_rss_mb": status("VmHWM:"), "rss_before_mb": before}))
-""" % LAYER
+""".replace("LAYER_PLACEHOLDER", str(LAYER))
 
 
 def scaling() -> list[dict[str, Any]]:
     rows = []
     sizes = (20, 40) if os.environ.get("BENCH_QUICK") else (100, 1000, 5000)
     for n in sizes:
-        result = subprocess.run([sys.executable, "-c", SCALING_CHILD, str(n), str(THREADS), str(SHARED)],
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", SCALING_CHILD, str(n), str(THREADS), str(SHARED)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     return rows
@@ -238,8 +289,27 @@ LOAD_CHILD = "import time, steerlab; t = time.perf_counter(); steerlab.load_mode
 def model_load() -> dict[str, float]:
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "STEERLAB_CACHE": cache}
-        cold = float(subprocess.run([sys.executable, "-c", LOAD_CHILD], env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
-        warm = [float(subprocess.run([sys.executable, "-c", LOAD_CHILD], env=env, capture_output=True, text=True, check=True).stdout.split()[-1]) for _ in range(REPEATS)]
+        cold = float(
+            subprocess.run(
+                [sys.executable, "-c", LOAD_CHILD],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()[-1]
+        )
+        warm = [
+            float(
+                subprocess.run(
+                    [sys.executable, "-c", LOAD_CHILD],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout.split()[-1]
+            )
+            for _ in range(REPEATS)
+        ]
     result = {"cold_s": cold, "warm_s": statistics.median(warm)}
     print(result, flush=True)
     return result
@@ -252,9 +322,16 @@ def main() -> None:
     import steerlab
 
     results: dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "threads": THREADS, "python": platform.python_version(),
-                    "torch": torch.__version__, "transformers": transformers.__version__, "steerlab": steerlab.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "threads": THREADS,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "steerlab": steerlab.__version__,
+        },
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     lm = load()

@@ -17,7 +17,7 @@ def main() -> None:
         "Measured by `make bench` (`bench/run.sh`): one process, one environment (transformers "
         f"{m['transformers']}, torch {m['torch']}, steerlab {m['steerlab']}), SmolLM2-135M-Instruct in fp32 on the CPU, "
         f"{m['threads']} threads, on {m['platform']} ({m['processor']}, {m['cpus']} CPUs), {r['date']}. "
-        "Every number is the median of several runs (repeng and the naive loop: one run); ratios are against the "
+        "Every steerlab and generation number is the median of 3 runs; the slow peer extractions (steering-vectors, repeng, the naive loop) ran once; ratios are against the "
         "row named in the ratio column, measured in the same run.",
         "",
         "## Extraction throughput",
@@ -32,19 +32,34 @@ def main() -> None:
     lines.append("")
     for label in ("one layer", "all layers"):
         rows = ex[label]["pairs_per_s"]
-        fastest_peer = max(v for k, v in rows.items() if k != "steerlab" and not k.startswith("naive"))
-        lines += [f"**{label}** (vectors agree with steering-vectors' mean-diff: min cosine {ex[label]['min_cosine_vs_steering_vectors']:.6f})", "",
-                  "| tool | pairs/s | steerlab is ×faster |", "|---|---|---|"]
+        fastest_peer = max(
+            v for k, v in rows.items() if k != "steerlab" and not k.startswith("naive")
+        )
+        lines += [
+            f"**{label}** (vectors agree with steering-vectors' mean-diff: min cosine {ex[label]['min_cosine_vs_steering_vectors']:.6f})",
+            "",
+            "| tool | pairs/s | steerlab is ×faster |",
+            "|---|---|---|",
+        ]
         for name, value in rows.items():
             lines.append(f"| {name} | {value:.1f} | {rows['steerlab'] / value:.2f} |")
         lines += ["", f"steerlab / fastest peer: **{rows['steerlab'] / fastest_peer:.2f}×**", ""]
     gen = r["generation"]
-    lines += ["## Steered generation throughput", "",
-              f"{gen['new_tokens']} new tokens, greedy, one steered layer (10), multiplier 2. tokens/s (higher is better).", ""]
+    lines += [
+        "## Steered generation throughput",
+        "",
+        f"{gen['new_tokens']} new tokens, greedy, one steered layer (10), multiplier 2. tokens/s (higher is better).",
+        "",
+    ]
     for batch in ("batch 1", "batch 8"):
         rows = gen[batch]
         hf, loop = rows["HF generate, unsteered"], rows["steerlab loop, unsteered"]
-        lines += [f"**{batch}**", "", "| run | tokens/s | vs unsteered (same loop) |", "|---|---|---|"]
+        lines += [
+            f"**{batch}**",
+            "",
+            "| run | tokens/s | vs unsteered (same loop) |",
+            "|---|---|---|",
+        ]
         for name, value in rows.items():
             base = loop if name.startswith("steerlab loop") else hf
             lines.append(f"| {name} | {value:.1f} | {value / base:.3f} |")
@@ -55,20 +70,36 @@ def main() -> None:
             f"**{loop / rows['steerlab loop, transient']:.2f}×**"
         )
         lines.append("")
-    lines += ["Generation speed against the number of steered layers (steerlab loop, batch 1, 64 tokens, all positions after the prompt):", "",
-              "| steered layers | tokens/s | vs unsteered |", "|---|---|---|"]
+    lines += [
+        "Generation speed against the number of steered layers (steerlab loop, batch 1, 64 tokens, all positions after the prompt):",
+        "",
+        "| steered layers | tokens/s | vs unsteered |",
+        "|---|---|---|",
+    ]
     per = gen["tokens_per_s_by_steered_layers"]
     for n, value in per.items():
         lines.append(f"| {n} | {value:.1f} | {value / per['0']:.3f} |")
-    lines += ["", "## Extraction scaling (mean-diff, one layer, batch 32, separate process per size)", "",
-              "| pairs | seconds | pairs/s | RSS before (MB) | peak RSS during extraction (MB) | growth (MB) |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Extraction scaling (mean-diff, one layer, batch 32, separate process per size)",
+        "",
+        "| pairs | seconds | pairs/s | RSS before (MB) | peak RSS during extraction (MB) | growth (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in r["scaling"]:
         growth = row["peak_rss_mb"] - row["rss_before_mb"]
-        lines.append(f"| {row['pairs']} | {row['seconds']:.1f} | {row['pairs'] / row['seconds']:.1f} | {row['rss_before_mb']:.0f} | {row['peak_rss_mb']:.0f} | {growth:.0f} |")
+        lines.append(
+            f"| {row['pairs']} | {row['seconds']:.1f} | {row['pairs'] / row['seconds']:.1f} | {row['rss_before_mb']:.0f} | {row['peak_rss_mb']:.0f} | {growth:.0f} |"
+        )
     load = r["model_load"]
-    lines += ["", "## Model load (default model)", "",
-              f"- cold (GGUF conversion into an empty cache): {load['cold_s']:.1f} s",
-              f"- warm (from the cache): {load['warm_s']:.2f} s (target ≤ 3 s)", ""]
+    lines += [
+        "",
+        "## Model load (default model)",
+        "",
+        f"- cold (GGUF conversion into an empty cache): {load['cold_s']:.1f} s",
+        f"- warm (from the cache): {load['warm_s']:.2f} s (target ≤ 3 s)",
+        "",
+    ]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
     print("wrote BENCHMARKS.md")
 

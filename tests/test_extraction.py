@@ -44,7 +44,7 @@ def pairs_dataset(tmp_path_factory):
     return load_dataset(path)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2", "opt"])
+@pytest.mark.parametrize("arch", tiny.ARCHITECTURES)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batch_size_1_equals_32(arch, side, ab_dataset, pairs_dataset):
     lm = tiny.model(arch)

@@ -36,11 +36,11 @@ def test_immutable_and_arithmetic(llama):
 
 def test_validation_rejects_nan_and_wrong_width(llama):
     ident = identity(llama)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(SteerlabError, match="NaN"):
         SteeringVector({1: torch.tensor([float("nan")] * 32)}, ident)
-    with pytest.raises(ValueError, match="width 31"):
+    with pytest.raises(SteerlabError, match="width 31"):
         SteeringVector({1: torch.zeros(31)}, ident)
-    with pytest.raises(ValueError, match="outside 0..3"):
+    with pytest.raises(SteerlabError, match="outside 0..3"):
         SteeringVector({4: torch.zeros(32)}, ident)
 
 
@@ -145,3 +145,21 @@ def test_import_repeng_style_gguf(tmp_path):
     assert warnings and "does not record" in warnings[0]
     with pytest.raises(SteerlabError, match="hidden size"):
         v.check_model(ModelIdentity("tiny", "llama", 64, 4, "abc"))
+
+
+def test_nan_in_a_vector_file_is_a_clear_error(llama, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    good = random_vector(llama, [1])
+    path = tmp_path / "nan.safetensors"
+    save_file(
+        {"layer.1": torch.full((32,), float("nan"))},
+        str(path),
+        metadata={"steerlab": json.dumps(good.metadata(), sort_keys=True)},
+    )
+    with pytest.raises(
+        SteerlabError, match="holds an invalid vector: direction for layer 1 contains NaN"
+    ):
+        SteeringVector.load(path)

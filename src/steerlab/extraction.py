@@ -7,7 +7,7 @@ after the highest one (the blocks above it and the LM head never run).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -122,6 +122,58 @@ def _accepts(model: nn.Module, name: str) -> bool:
         return False
 
 
+class _Reader:
+    """Hooks that read weighted sums of block outputs, one forward at a time.
+
+    ``run`` takes the forward's keyword arguments and ``[n, seq]`` read weights and returns
+    ``[n, len(layers), d]``; the forward stops after the highest requested block.
+    """
+
+    def __init__(self, layer_map: LayerMap, layers: Sequence[int]) -> None:
+        self.layer_map = layer_map
+        self.layers = list(layers)
+        self.top = max(layers)
+        self.captured: dict[int, torch.Tensor] = {}
+        self.weights = torch.zeros(0, 0)
+        self.repeat = 1
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _Reader:
+        try:
+            for layer in sorted(set(self.layers)):
+                block = self.layer_map.blocks[layer]
+                self.handles.append(block.register_forward_hook(self._hook(layer)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _hook(self, layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            hidden = block_output(output).float()  # [n, seq, d]
+            if self.repeat > 1:
+                hidden = hidden.repeat_interleave(self.repeat, dim=0)  # [n * repeat, seq, d]
+            w = self.weights.to(hidden.device)
+            self.captured[layer] = torch.einsum("ns,nsd->nd", w, hidden).cpu()
+            if layer == self.top:
+                raise _Stop
+
+        return hook
+
+    def run(self, kwargs: dict[str, Any], weights: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+        self.weights = weights
+        self.repeat = repeat
+        self.captured.clear()
+        with contextlib.suppress(_Stop):
+            self.layer_map.base(**kwargs)
+        return torch.stack([self.captured[layer] for layer in self.layers], dim=1)
+
+
 @torch.no_grad()
 def read_activations(
     model: nn.Module,
@@ -132,7 +184,6 @@ def read_activations(
     batch_size: int = 32,
     pad_id: int = 0,
     padding_side: str = "left",
-    on_batch: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Read the items' activations, one padded forward per batch.
 
@@ -145,26 +196,8 @@ def read_activations(
         raise SteerlabError(f"batch size must be at least 1, got {batch_size}")
     order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
     device = embedding_weight(model).device
-    top = max(layers)
-    captured: dict[int, torch.Tensor] = {}
-    weights: list[torch.Tensor] = []  # the current batch's [n, seq] read weights
-
-    def make_hook(layer: int) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            hidden = block_output(output)  # [n, seq, d]
-            w = weights[0].to(hidden.device)
-            captured[layer] = torch.einsum("ns,nsd->nd", w, hidden.float()).cpu()
-            if layer == top:
-                raise _Stop
-
-        return hook
-
-    base = layer_map.base
-    use_positions = _accepts(base, "position_ids")
-    handles = []
-    try:
-        for layer in sorted(set(layers)):
-            handles.append(layer_map.blocks[layer].register_forward_hook(make_hook(layer)))
+    use_positions = _accepts(layer_map.base, "position_ids")
+    with _Reader(layer_map, layers) as reader:
         for begin in range(0, len(order), batch_size):
             chunk = order[begin : begin + batch_size]
             ids, mask = pad_batch([items[i].ids for i in chunk], pad_id, side=padding_side)
@@ -174,23 +207,106 @@ def read_activations(
                 it = items[i]
                 offset = width - len(it.ids) if padding_side == "left" else 0
                 w[row, offset + it.start : offset + it.end] = 1.0 / (it.end - it.start)
-            weights[:] = [w]
-            captured.clear()
             kwargs: dict[str, Any] = {
                 "input_ids": ids.to(device),
                 "attention_mask": mask.to(device),
+                "use_cache": False,
             }
             if use_positions:
                 kwargs["position_ids"] = position_ids(mask).to(device)
-            with contextlib.suppress(_Stop):
-                base(**kwargs, use_cache=False)
-            reads = torch.stack([captured[layer] for layer in layers], dim=1)  # [n, L, d]
-            if on_batch is not None:
-                on_batch(len(chunk))
-            yield chunk, reads
-    finally:
-        for h in handles:
-            h.remove()
+            yield chunk, reader.run(kwargs, w)
+
+
+@torch.no_grad()
+def read_pair_activations(
+    model: nn.Module,
+    layer_map: LayerMap,
+    items: Sequence[Item],
+    layers: Sequence[int],
+    *,
+    batch_size: int = 32,
+    pad_id: int = 0,
+    padding_side: str = "left",
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Read contrastive pairs (``items[2i]`` positive, ``items[2i+1]`` negative), running
+    their shared prompt prefix once.
+
+    Per batch: one forward of the pairs' common prefixes (left- or right-padded) fills a KV
+    cache; the cache is repeated for the two completions, and one forward of the
+    right-padded suffixes (positive and negative rows, ``batch_size`` rows) finishes the
+    reads. For CAA-style A/B pairs this halves the compute.
+
+    Yields:
+        Item indices and reads ``[n, len(layers), d]``, as :func:`read_activations`.
+    """
+    if batch_size < 1:
+        raise SteerlabError(f"batch size must be at least 1, got {batch_size}")
+    from transformers import DynamicCache
+
+    from steerlab.generation import cache_kwarg
+
+    n_pairs = len(items) // 2
+    prefix = []
+    for i in range(n_pairs):
+        pos, neg = items[2 * i], items[2 * i + 1]
+        shared = 0
+        for a, b in zip(pos.ids, neg.ids, strict=False):
+            if a != b:
+                break
+            shared += 1
+        prefix.append(max(min(shared, len(pos.ids) - 1, len(neg.ids) - 1), 1))
+    order = sorted(range(n_pairs), key=lambda i: -prefix[i])
+    device = embedding_weight(model).device
+    base = layer_map.base
+    key = cache_kwarg(base)
+    use_positions = _accepts(base, "position_ids")
+    per_batch = max(1, batch_size // 2)
+    with _Reader(layer_map, layers) as reader:
+        for begin in range(0, n_pairs, per_batch):
+            chunk = order[begin : begin + per_batch]
+            heads = [items[2 * i].ids[: prefix[i]] for i in chunk]
+            ids, mask = pad_batch(heads, pad_id, side=padding_side)
+            width = ids.shape[1]
+            w_head = torch.zeros(2 * len(chunk), width)  # [2n, prefix] read weights per item
+            for row, i in enumerate(chunk):
+                offset = width - prefix[i] if padding_side == "left" else 0
+                for k, it in enumerate((items[2 * i], items[2 * i + 1])):
+                    lo, hi = it.start, min(it.end, prefix[i])
+                    if lo < hi:
+                        w_head[2 * row + k, offset + lo : offset + hi] = 1.0 / (it.end - it.start)
+            cache = DynamicCache()
+            kwargs: dict[str, Any] = {
+                "input_ids": ids.to(device),
+                "attention_mask": mask.to(device),
+                "use_cache": True,
+                key: cache,
+            }
+            if use_positions:
+                kwargs["position_ids"] = position_ids(mask).to(device)
+            # One prefix row serves two items: its positive and its negative.
+            head_reads = reader.run(kwargs, w_head, repeat=2)  # [2n, L, d]
+            tails = [items[2 * i + k].ids[prefix[i] :] for i in chunk for k in (0, 1)]
+            tail_ids, tail_mask = pad_batch(tails, pad_id, side="right")
+            full_mask = torch.cat(
+                [mask.repeat_interleave(2, dim=0), tail_mask], dim=1
+            )  # [2n, prefix + tail]
+            w_tail = torch.zeros(2 * len(chunk), tail_ids.shape[1])
+            for row, i in enumerate(chunk):
+                for k, it in enumerate((items[2 * i], items[2 * i + 1])):
+                    lo, hi = max(it.start, prefix[i]) - prefix[i], it.end - prefix[i]
+                    if lo < hi:
+                        w_tail[2 * row + k, lo:hi] = 1.0 / (it.end - it.start)
+            cache.batch_repeat_interleave(2)
+            kwargs = {
+                "input_ids": tail_ids.to(device),
+                "attention_mask": full_mask.to(device),
+                "use_cache": True,
+                key: cache,
+            }
+            if use_positions:
+                kwargs["position_ids"] = position_ids(full_mask, past=width).to(device)
+            reads = reader.run(kwargs, w_tail)  # [2n, L, d]
+            yield [2 * i + k for i in chunk for k in (0, 1)], reads + head_reads
 
 
 def _progress(total: int, enabled: bool, label: str) -> Any:
@@ -271,7 +387,8 @@ def extract(
     bar = _progress(pairs, progress, f"extracting {method}")
     with bar:
         task = bar.add_task("extract", total=pairs)
-        for chunk, reads in read_activations(
+        reader = read_activations if dataset.format == "unpaired" else read_pair_activations
+        for chunk, reads in reader(
             lm.model,
             lm.layers,
             items,

@@ -87,27 +87,27 @@ class SteeringVector:
 
     def __post_init__(self) -> None:
         if not self.directions:
-            raise ValueError("directions is empty: a steering vector needs at least one layer")
+            raise SteerlabError("directions is empty: a steering vector needs at least one layer")
         clean: dict[int, torch.Tensor] = {}
         shape: tuple[int, ...] | None = None
         for layer in sorted(self.directions):
             tensor = self.directions[layer]
             if not isinstance(tensor, torch.Tensor) or tensor.dim() not in (1, 2):
-                raise ValueError(f"direction for layer {layer} must be a [d] or [k, d] tensor")
+                raise SteerlabError(f"direction for layer {layer} must be a [d] or [k, d] tensor")
             if tensor.shape[-1] != self.model.hidden_size:
-                raise ValueError(
+                raise SteerlabError(
                     f"direction for layer {layer} has width {tensor.shape[-1]}, but the model's "
                     f"hidden size is {self.model.hidden_size}"
                 )
             if not 0 <= int(layer) < self.model.num_layers:
-                raise ValueError(
+                raise SteerlabError(
                     f"layer {layer} is outside 0..{self.model.num_layers - 1} for this model"
                 )
             if shape is not None and tuple(tensor.shape) != shape:
-                raise ValueError("all layers of a vector must have the same shape")
+                raise SteerlabError("all layers of a vector must have the same shape")
             shape = tuple(tensor.shape)
             if not torch.isfinite(tensor).all():
-                raise ValueError(f"direction for layer {layer} contains NaN or infinity")
+                raise SteerlabError(f"direction for layer {layer} contains NaN or infinity")
             clean[int(layer)] = tensor.detach().to("cpu", torch.float32).clone()
         object.__setattr__(self, "directions", MappingProxyType(clean))
         object.__setattr__(
@@ -145,7 +145,7 @@ class SteeringVector:
     def scale(self, factor: float) -> SteeringVector:
         """Every direction multiplied by ``factor``."""
         if not math.isfinite(factor):
-            raise ValueError(f"scale factor must be finite, got {factor}")
+            raise SteerlabError(f"scale factor must be finite, got {factor}")
         return self._with({k: v * factor for k, v in self.directions.items()}, self.method)
 
     def __mul__(self, factor: float) -> SteeringVector:
@@ -161,11 +161,11 @@ class SteeringVector:
             other.model.hidden_size,
             other.model.num_layers,
         ):
-            raise ValueError("cannot combine vectors made for models of different shapes")
+            raise SteerlabError("cannot combine vectors made for models of different shapes")
         if self.positionwise != other.positionwise or (
             self.positionwise and self.rows != other.rows
         ):
-            raise ValueError("cannot combine a position-wise vector with a different shape")
+            raise SteerlabError("cannot combine a position-wise vector with a different shape")
         out: dict[int, torch.Tensor] = {}
         for layer in sorted(set(self.directions) | set(other.directions)):
             a = self.directions.get(layer)
@@ -211,9 +211,9 @@ class SteeringVector:
     def tiled(self, rows: int) -> SteeringVector:
         """A position-wise copy with every direction repeated ``rows`` times (for ``actadd``)."""
         if self.positionwise:
-            raise ValueError("the vector is position-wise already")
+            raise SteerlabError("the vector is position-wise already")
         if rows < 1:
-            raise ValueError(f"rows must be at least 1, got {rows}")
+            raise SteerlabError(f"rows must be at least 1, got {rows}")
         tiles = {k: v.unsqueeze(0).repeat(rows, 1) for k, v in self.directions.items()}
         return replace(self, directions=tiles, method=f"{self.method} x{rows} rows")
 
@@ -368,6 +368,8 @@ def _load_safetensors(source: Path) -> SteeringVector:
             created=meta["created"],
             notes=meta.get("notes", {}),
         )
+    except SteerlabError as exc:
+        raise SteerlabError(f"'{source}' holds an invalid vector: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise SteerlabError(
             f"'{source}' has broken steerlab metadata ({exc}): re-extract the vector"
