@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import tiny
-import uvicorn
-from conftest import random_vector
+from conftest import random_vector, start_server
 
 from steerlab.server import Limits, create_app, load_vectors
 
@@ -33,22 +28,9 @@ def url(tmp_path_factory):
     vdir = tmp_path_factory.mktemp("vectors")
     random_vector(lm, [1, 2], seed=4, scale=2.0).save(vdir / "joy.safetensors")
     app = create_app(lm, load_vectors(vdir, lm), Limits(max_tokens=64))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            httpx.get(base + "/v1/models", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    base, stop = start_server(app)
     yield base + "/"
-    server.should_exit = True
-    thread.join(timeout=10)
+    stop()
 
 
 def test_slider_changes_the_steered_output(url):

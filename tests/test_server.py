@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 import tiny
-import uvicorn
-from conftest import random_vector
+from conftest import random_vector, start_server
 
 from steerlab import SteerlabError
 from steerlab.server import Limits, create_app, load_vectors
@@ -35,21 +32,9 @@ def server(tmp_path_factory):
     (vdir / "notes.txt").write_text("ignored")
     vectors = load_vectors(vdir, lm)
     app = create_app(lm, vectors, Limits(max_tokens=64, max_batch=8), model_name="tiny")
-    port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            httpx.get(base + "/v1/models", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    base, stop = start_server(app)
     yield base
-    srv.should_exit = True
-    thread.join(timeout=10)
+    stop()
 
 
 @pytest.fixture()

@@ -193,13 +193,14 @@ def decode(
     finished_at = [sampling.max_new_tokens] * batch
     fill = min(eos_set) if eos_set else 0
     persisting = any(s.policy.kind != "transient" for s in steerer.apps)
+    body = steerer.layer_map.base  # the blocks without the LM head, for cache-only passes
     with steerer:
         cache: Any = None
         shadow: Any = None
         if transient:
             # Prefill all but the newest prompt token; transient steering is off there.
             if ids.shape[1] > 1:
-                cache = _cache_of(_forward(model, ids[:, :-1], mask[:, :-1], None))
+                cache = _cache_of(_forward(body, ids[:, :-1], mask[:, :-1], None))
             step_ids = ids[:, -1:]
         else:
             step_ids = ids
@@ -219,10 +220,14 @@ def decode(
                 else:
                     cache = _truncate(_cache_of(out), step_ids.shape[1], backup)
                 # Pass 2: the same token without transient steering; its keys/values persist.
-                kept = _forward(model, step_ids, mask, cache)
-                cache = _cache_of(kept)
-                if not persisting:
+                # Only the cache is needed, so the LM head is skipped unless its logits
+                # serve as the unsteered reference.
+                if track_unsteered and not persisting:
+                    kept = _forward(model, step_ids, mask, cache)
                     plain_logits = kept.logits[:, -1, :].float()
+                else:
+                    kept = _forward(body, step_ids, mask, cache)
+                cache = _cache_of(kept)
             else:
                 out = _forward(model, step_ids, mask, cache)
                 cache = _cache_of(out)

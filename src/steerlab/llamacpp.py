@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from steerlab.errors import SteerlabError
-from steerlab.vector import ModelIdentity, SteeringVector, _atomic_write
+from steerlab.vector import ModelIdentity, SteeringVector, _atomic_write, from_metadata
 
 ARCH = "controlvector"
 _META = "steerlab.metadata"
@@ -103,21 +103,7 @@ def import_gguf(path: str | Path) -> SteeringVector:
         )
     meta_text = _field_str(reader, _META)
     if meta_text:
-        from steerlab.vector import DatasetInfo
-
-        meta = json.loads(meta_text)
-        dataset = meta.get("dataset")
-        return SteeringVector(
-            directions=directions,
-            model=ModelIdentity(**meta["model"]),
-            method=meta["method"],
-            read_position=meta["read_position"],
-            residual_norms={int(k): float(v) for k, v in meta["residual_norms"].items()},
-            dataset=None if dataset is None else DatasetInfo(**dataset),
-            steerlab_version=meta["steerlab_version"],
-            created=meta["created"],
-            notes=meta.get("notes", {}),
-        )
+        return from_metadata(directions, json.loads(meta_text))
     hint = _field_str(reader, f"{ARCH}.model_hint") or "unknown"
     count = _field_int(reader, f"{ARCH}.layer_count") or 0
     width = int(next(iter(directions.values())).shape[0])

@@ -335,6 +335,25 @@ def _atomic_write(target: Path, write: Any) -> None:
         raise
 
 
+def from_metadata(
+    directions: Mapping[int, torch.Tensor], meta: Mapping[str, Any]
+) -> SteeringVector:
+    """A vector from its tensors and the metadata written by :meth:`SteeringVector.metadata`."""
+    dataset = meta.get("dataset")
+    return SteeringVector(
+        directions=directions,
+        model=ModelIdentity(**meta["model"]),
+        method=meta["method"],
+        read_position=meta["read_position"],
+        residual_norms={int(k): float(v) for k, v in meta["residual_norms"].items()},
+        dataset=None if dataset is None else DatasetInfo(**dataset),
+        layer_convention=meta.get("layer_convention", LAYER_CONVENTION),
+        steerlab_version=meta["steerlab_version"],
+        created=meta["created"],
+        notes=meta.get("notes", {}),
+    )
+
+
 def _load_safetensors(source: Path) -> SteeringVector:
     from safetensors import safe_open
 
@@ -353,21 +372,8 @@ def _load_safetensors(source: Path) -> SteeringVector:
             "(import llama.cpp/repeng files with `steerlab vector import-gguf`)"
         )
     try:
-        meta = json.loads(header[_META_KEY])
         directions = {int(k.split(".", 1)[1]): v for k, v in tensors.items()}
-        dataset = meta.get("dataset")
-        return SteeringVector(
-            directions=directions,
-            model=ModelIdentity(**meta["model"]),
-            method=meta["method"],
-            read_position=meta["read_position"],
-            residual_norms={int(k): float(v) for k, v in meta["residual_norms"].items()},
-            dataset=None if dataset is None else DatasetInfo(**dataset),
-            layer_convention=meta["layer_convention"],
-            steerlab_version=meta["steerlab_version"],
-            created=meta["created"],
-            notes=meta.get("notes", {}),
-        )
+        return from_metadata(directions, json.loads(header[_META_KEY]))
     except SteerlabError as exc:
         raise SteerlabError(f"'{source}' holds an invalid vector: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
