@@ -283,34 +283,35 @@ def scaling() -> list[dict[str, Any]]:
     return rows
 
 
-LOAD_CHILD = "import time, steerlab; t = time.perf_counter(); steerlab.load_model('smollm2-135m'); print(time.perf_counter() - t)"
+LOAD_CHILD = (
+    "import time; start = time.perf_counter()\n"
+    "import steerlab, transformers, transformers.models.auto\n"
+    "t = time.perf_counter(); steerlab.load_model('smollm2-135m'); end = time.perf_counter()\n"
+    "print(end - t, end - start)"
+)
 
 
 def model_load() -> dict[str, float]:
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "STEERLAB_CACHE": cache}
-        cold = float(
-            subprocess.run(
+
+        def once() -> list[float]:
+            out = subprocess.run(
                 [sys.executable, "-c", LOAD_CHILD],
                 env=env,
                 capture_output=True,
                 text=True,
                 check=True,
-            ).stdout.split()[-1]
-        )
-        warm = [
-            float(
-                subprocess.run(
-                    [sys.executable, "-c", LOAD_CHILD],
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                ).stdout.split()[-1]
             )
-            for _ in range(REPEATS)
-        ]
-    result = {"cold_s": cold, "warm_s": statistics.median(warm)}
+            return [float(x) for x in out.stdout.split()[-2:]]
+
+        cold = once()
+        warm = [once() for _ in range(REPEATS)]
+    result = {
+        "cold_s": cold[0],
+        "warm_s": statistics.median(w[0] for w in warm),
+        "warm_with_imports_s": statistics.median(w[1] for w in warm),
+    }
     print(result, flush=True)
     return result
 
