@@ -26,7 +26,7 @@ SHARED = ROOT.parent / "shared" / "datasets" / "model-written-evals"
 DATA = SHARED / "advanced-ai-risk" / "corrigible-neutral-HHH.jsonl"
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
-PAIRS = int(os.environ.get("BENCH_PAIRS", "48"))
+PAIRS = int(os.environ.get("BENCH_PAIRS", "32"))
 BATCH = 16
 LAYER = 10
 NEW_TOKENS = 16 if os.environ.get("BENCH_QUICK") else 128
@@ -39,6 +39,17 @@ def median_time(fn: Any, repeats: int = REPEATS) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved(fns: dict[str, Any], repeats: int = REPEATS) -> dict[str, float]:
+    """Median seconds of each function, timed round-robin."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def load() -> Any:
@@ -197,15 +208,19 @@ def generation(lm: Any) -> dict[str, Any]:
                 model.generate(**kwargs)
 
         hf_plain()  # warm-up
-        for name, fn in (
-            ("HF generate, unsteered", hf_plain),
-            ("HF generate + steerlab after-prompt", hf_steerlab),
-            ("steerlab loop, unsteered", loop_plain),
-            ("steerlab loop, after-prompt", loop_after),
-            ("steerlab loop, transient", loop_transient),
-            ("HF generate + steering-vectors (all positions)", hf_sv),
-        ):
-            times[name] = median_time(fn)
+        # Interleaved (A B C ... A B C ...) so that drift in machine speed hits every variant.
+        times.update(
+            interleaved(
+                {
+                    "HF generate, unsteered": hf_plain,
+                    "HF generate + steerlab after-prompt": hf_steerlab,
+                    "steerlab loop, unsteered": loop_plain,
+                    "steerlab loop, after-prompt": loop_after,
+                    "steerlab loop, transient": loop_transient,
+                    "HF generate + steering-vectors (all positions)": hf_sv,
+                }
+            )
+        )
         control = repeng.ControlModel(model, [LAYER])
         try:
             control.set_control(
@@ -227,7 +242,7 @@ def generation(lm: Any) -> dict[str, Any]:
     # generation time vs number of steered layers (steerlab loop, batch 1, after-prompt)
     ids, mask = pad_batch([tok(prompts[0])["input_ids"]], tok.pad_token_id)
     greedy = Sampling(max_new_tokens=64, stop_at_eos=False)
-    per_layers: dict[str, float] = {}
+    runs = {}
     for n in (0, 1, 5, lm.info.num_layers):
         layers = list(range(n))
         steering = (
@@ -235,10 +250,8 @@ def generation(lm: Any) -> dict[str, Any]:
             if n == 0
             else [Steering(SteeringVector({k: direction for k in layers}, identity_of(lm)), 1.0)]
         )
-        decode(model, ids, mask, steering, greedy, layer_map=lm.layers)
-        per_layers[str(n)] = 64 / median_time(
-            lambda s=steering: decode(model, ids, mask, s, greedy, layer_map=lm.layers)
-        )
+        runs[str(n)] = lambda s=steering: decode(model, ids, mask, s, greedy, layer_map=lm.layers)
+    per_layers = {n: 64 / t for n, t in interleaved(runs).items()}
     out["tokens_per_s_by_steered_layers"] = per_layers
     print("layers", per_layers, flush=True)
     return out
