@@ -26,7 +26,7 @@ SHARED = ROOT.parent / "shared" / "datasets" / "model-written-evals"
 DATA = SHARED / "advanced-ai-risk" / "corrigible-neutral-HHH.jsonl"
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
-PAIRS = int(os.environ.get("BENCH_PAIRS", "32"))
+PAIRS = int(os.environ.get("BENCH_PAIRS", "24"))
 BATCH = 16
 LAYER = 10
 NEW_TOKENS = 16 if os.environ.get("BENCH_QUICK") else 128
@@ -208,19 +208,19 @@ def generation(lm: Any) -> dict[str, Any]:
                 model.generate(**kwargs)
 
         hf_plain()  # warm-up
-        # Interleaved (A B C ... A B C ...) so that drift in machine speed hits every variant.
-        times.update(
-            interleaved(
-                {
-                    "HF generate, unsteered": hf_plain,
-                    "HF generate + steerlab after-prompt": hf_steerlab,
-                    "steerlab loop, unsteered": loop_plain,
-                    "steerlab loop, after-prompt": loop_after,
-                    "steerlab loop, transient": loop_transient,
-                    "HF generate + steering-vectors (all positions)": hf_sv,
-                }
-            )
-        )
+        variants = {
+            "HF generate, unsteered": hf_plain,
+            "HF generate + steerlab after-prompt": hf_steerlab,
+            "steerlab loop, unsteered": loop_plain,
+            "steerlab loop, after-prompt": loop_after,
+            "steerlab loop, transient": loop_transient,
+            "HF generate + steering-vectors (all positions)": hf_sv,
+        }
+        if batch > 1:  # time budget: after-prompt at batch 8 is timed inside HF generate
+            del variants["steerlab loop, after-prompt"]
+        # Interleaved (A B C ... A B C ...) so that drift in machine speed hits every variant;
+        # batch 1 gets more rounds because its runs are short and this machine is noisy.
+        times.update(interleaved(variants, REPEATS + 2 if batch == 1 else REPEATS))
         control = repeng.ControlModel(model, [LAYER])
         try:
             control.set_control(
@@ -241,7 +241,7 @@ def generation(lm: Any) -> dict[str, Any]:
         print("batch", batch, {k: round(tokens / v, 1) for k, v in times.items()}, flush=True)
     # generation time vs number of steered layers (steerlab loop, batch 1, after-prompt)
     ids, mask = pad_batch([tok(prompts[0])["input_ids"]], tok.pad_token_id)
-    greedy = Sampling(max_new_tokens=64, stop_at_eos=False)
+    greedy = Sampling(max_new_tokens=32, stop_at_eos=False)
     runs = {}
     for n in (0, 1, 5, lm.info.num_layers):
         layers = list(range(n))
@@ -251,7 +251,7 @@ def generation(lm: Any) -> dict[str, Any]:
             else [Steering(SteeringVector({k: direction for k in layers}, identity_of(lm)), 1.0)]
         )
         runs[str(n)] = lambda s=steering: decode(model, ids, mask, s, greedy, layer_map=lm.layers)
-    per_layers = {n: 64 / t for n, t in interleaved(runs).items()}
+    per_layers = {n: 32 / t for n, t in interleaved(runs, REPEATS + 2).items()}
     out["tokens_per_s_by_steered_layers"] = per_layers
     print("layers", per_layers, flush=True)
     return out
@@ -276,7 +276,7 @@ def status(key):
             return int(line.split()[1]) / 1024
 before = status("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-t = time.perf_counter(); extract(lm, data, [LAYER_PLACEHOLDER], batch_size=32); t = time.perf_counter() - t
+t = time.perf_counter(); extract(lm, data, [LAYER_PLACEHOLDER], batch_size=64); t = time.perf_counter() - t
 print(json.dumps({"pairs": n, "seconds": t, "peak_rss_mb": status("VmHWM:"), "rss_before_mb": before}))
 """.replace("LAYER_PLACEHOLDER", str(LAYER))
 
@@ -319,7 +319,7 @@ def model_load() -> dict[str, float]:
             return [float(x) for x in out.stdout.split()[-2:]]
 
         cold = once()
-        warm = [once() for _ in range(REPEATS)]
+        warm = [once() for _ in range(2)]
     result = {
         "cold_s": cold[0],
         "warm_s": statistics.median(w[0] for w in warm),
