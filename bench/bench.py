@@ -26,7 +26,7 @@ SHARED = ROOT.parent / "shared" / "datasets" / "model-written-evals"
 DATA = SHARED / "advanced-ai-risk" / "corrigible-neutral-HHH.jsonl"
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
-PAIRS = int(os.environ.get("BENCH_PAIRS", "24"))
+PAIRS = int(os.environ.get("BENCH_PAIRS", "16"))
 BATCH = 16
 LAYER = 10
 NEW_TOKENS = 16 if os.environ.get("BENCH_QUICK") else 128
@@ -216,11 +216,12 @@ def generation(lm: Any) -> dict[str, Any]:
             "steerlab loop, transient": loop_transient,
             "HF generate + steering-vectors (all positions)": hf_sv,
         }
-        if batch > 1:  # time budget: after-prompt at batch 8 is timed inside HF generate
-            del variants["steerlab loop, after-prompt"]
+        # Time budget: after-prompt is timed inside HF generate; the steerlab loop serves as the
+        # transient baseline. bench/overhead.py times the hooks themselves.
+        del variants["steerlab loop, after-prompt"]
         # Interleaved (A B C ... A B C ...) so that drift in machine speed hits every variant;
         # batch 1 gets more rounds because its runs are short and this machine is noisy.
-        times.update(interleaved(variants, REPEATS + 2 if batch == 1 else REPEATS))
+        times.update(interleaved(variants, REPEATS + 1 if batch == 1 else REPEATS))
         control = repeng.ControlModel(model, [LAYER])
         try:
             control.set_control(
@@ -266,10 +267,10 @@ from steerlab.extraction import extract
 from pathlib import Path
 n = int(sys.argv[1])
 lm = steerlab.load_model("smollm2-135m", device="cpu", dtype="float32")
-pairs = []
-for f in sorted(Path(sys.argv[3]).glob("advanced-ai-risk/*.jsonl")):
-    pairs += list(load_dataset(f).pairs)
-data = Dataset("ab", pairs=tuple((pairs * 2)[:n]))
+# The same 200 pairs cycled: every size has the same length distribution, so time and
+# memory show the dependence on N alone (peak memory follows the longest batch, not N).
+pool = list(load_dataset(Path(sys.argv[3]) / "advanced-ai-risk" / "corrigible-neutral-HHH.jsonl").pairs)[:200]
+data = Dataset("ab", pairs=tuple((pool * (n // len(pool) + 1))[:n]))
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):

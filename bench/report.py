@@ -17,7 +17,7 @@ def main() -> None:
         "Measured by `make bench` (`bench/run.sh`): one process, one environment (transformers "
         f"{m['transformers']}, torch {m['torch']}, steerlab {m['steerlab']}), SmolLM2-135M-Instruct in fp32 on the CPU, "
         f"{m['threads']} threads, on {m['platform']} ({m['processor']}, {m['cpus']} CPUs), {r['date']}. "
-        "Generation variants are timed round-robin, median of 5 rounds at batch 1 and 3 at batch 8; steerlab extraction is the median of 3 runs; the slow peer extractions (steering-vectors, repeng, the naive loop) ran once; warm load is the median of 2. This machine's speed drifts by about ±10% between runs, so ratios within a few percent of 1 are ties; ratios are against the "
+        "Generation variants are timed round-robin, median of 4 rounds at batch 1 and 3 at batch 8; steerlab extraction is the median of 3 runs; the slow peer extractions (steering-vectors, repeng, the naive loop) ran once; warm load is the median of 2. This machine's speed drifts by about ±10% between runs, so ratios within a few percent of 1 are ties; ratios are against the "
         "row named in the ratio column, measured in the same run.",
         "",
         "## Extraction throughput",
@@ -82,7 +82,7 @@ def main() -> None:
         lines.append(f"| {n} | {value:.1f} | {value / per['0']:.3f} |")
     lines += [
         "",
-        "## Extraction scaling (mean-diff, one layer, batch 64, separate process per size)",
+        "## Extraction scaling (mean-diff, one layer, batch 64, separate process per size; the same 200 pairs cycled to each size)",
         "",
         "| pairs | seconds | pairs/s | RSS before (MB) | peak RSS during extraction (MB) | growth (MB) |",
         "|---|---|---|---|---|---|",
@@ -102,13 +102,30 @@ def main() -> None:
         f"{load['warm_with_imports_s']:.2f} s from a new interpreter, `import torch, transformers` included",
         "",
     ]
+    overhead = ROOT / "bench" / "results" / "overhead.json"
+    if overhead.exists():
+        lines += [
+            "## The cost of the steering itself (`bench/overhead.py`)",
+            "",
+            "Time spent inside steerlab's hooks (the per-forward position pre-hook and the per-block add) during "
+            "steered decoding of 128 tokens, after-prompt, against the whole decode time. This does not drift with the "
+            "machine's speed the way end-to-end tokens/s do.",
+            "",
+            "| batch | steered layers | ms in hooks per token | share of decode time |",
+            "|---|---|---|---|",
+        ]
+        for row in json.loads(overhead.read_text()):
+            lines.append(
+                f"| {row['batch']} | {row['layers']} | {row['hook_ms_per_token']:.3f} | {100 * row['fraction']:.2f}% |"
+            )
+        lines.append("")
     lines += [
         "## Notes",
         "",
-        "- The scaling table's growth is the first batches' activation buffers plus the tokenised dataset that "
-        "`extract` holds (Python lists of ids); the mean-diff sums themselves are [layers, d]. A separate check "
-        "(RSS sampled every 20 batches while reading 3,000 pairs) rose from 851 MB to 875 MB over 160 batches: flat "
-        "apart from allocator creep.",
+        "- Peak memory during extraction follows the longest batch (sequence length x batch size), not the "
+        "number of pairs: the mean-diff sums are [layers, d], and the scaling sizes cycle the same pairs so that "
+        "only N changes. On an earlier run that drew 5,000 pairs from all seven A/B files, the longer questions "
+        "raised the peak to 1.6 GB at batch 64; a lower --batch-size bounds it.",
         "- `transient` costs two forward passes per token by definition (a steered pass for the logits, an unsteered "
         "pass for the cache); the second skips the LM head.",
         "- steerlab's extraction speed comes from stopping the forward after the highest requested block, running "

@@ -20,4 +20,5 @@ if [ ! -d ../shared/datasets ]; then
   exit 2
 fi
 "$VENV/bin/python" bench/bench.py
+"$VENV/bin/python" bench/overhead.py
 "$VENV/bin/python" bench/report.py
