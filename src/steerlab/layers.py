@@ -141,6 +141,8 @@ def resolve_layers(spec: str | int | list[int] | None, num_layers: int) -> list[
                     items.extend(range(lo, hi + 1))
                 else:
                     items.append(int(part))
+            except SteerlabError:
+                raise
             except ValueError:
                 raise SteerlabError(
                     f"cannot read layers '{spec}': use 'all', a range like 6-18, "
