@@ -29,6 +29,16 @@ REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 PAIRS = int(os.environ.get("BENCH_PAIRS", "16"))
 BATCH = 16
 LAYER = 10
+PROMPTS = [
+    "Tell me about your day.",
+    "Write a poem about the sea.",
+    "What is a steering vector?",
+    "Describe a cat.",
+    "Explain photosynthesis.",
+    "Plan a trip to Rome.",
+    "Why is the sky blue?",
+    "Give me a recipe.",
+]
 NEW_TOKENS = 16 if os.environ.get("BENCH_QUICK") else 128
 
 
@@ -154,16 +164,7 @@ def generation(lm: Any) -> dict[str, Any]:
     from steerlab.extraction import identity_of
 
     vec = SteeringVector({LAYER: direction}, identity_of(lm))
-    prompts = [
-        "Tell me about your day.",
-        "Write a poem about the sea.",
-        "What is a steering vector?",
-        "Describe a cat.",
-        "Explain photosynthesis.",
-        "Plan a trip to Rome.",
-        "Why is the sky blue?",
-        "Give me a recipe.",
-    ]
+    prompts = PROMPTS
     out: dict[str, Any] = {"new_tokens": NEW_TOKENS}
     for batch in (1, 8):
         ids, mask = encode_prompts(lm, prompts[:batch])

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from bench import PROMPTS  # bench/ is on sys.path when run as a script
 from steerlab import Sampling, Steering, decode, load_model
 from steerlab.extraction import identity_of
 from steerlab.generation import encode_prompts
@@ -52,16 +53,7 @@ def main() -> None:
 
     Steerer._pre_hook = timed_pre  # type: ignore[method-assign]
     Steerer._make_hook = timed_make  # type: ignore[method-assign]
-    prompts = [
-        "Tell me about your day.",
-        "Write a poem about the sea.",
-        "What is a steering vector?",
-        "Describe a cat.",
-        "Explain photosynthesis.",
-        "Plan a trip to Rome.",
-        "Why is the sky blue?",
-        "Give me a recipe.",
-    ]
+    prompts = PROMPTS
     rows = []
     gen = torch.Generator().manual_seed(0)
     for batch in (1, 8):

@@ -182,9 +182,7 @@ def decode(
         tokenizer=tokenizer,
         allow_transient=True,
     )
-    transient = steerer._transient_cols is not None or any(
-        s.policy.kind == "transient" for s in steerer.apps
-    )
+    transient = any(s.policy.kind == "transient" for s in steerer.apps)
     out_tokens: list[torch.Tensor] = []
     out_logits: list[torch.Tensor] = []
     kls: list[torch.Tensor] = []
@@ -215,9 +213,7 @@ def decode(
                 out = _forward(model, step_ids, mask, cache)
                 steerer.transient_phase = False
                 logits = out.logits[:, -1, :].float()  # [batch, vocab]
-                if cache is None:  # a one-token prompt: nothing cached yet
-                    cache = None
-                else:
+                if cache is not None:  # a one-token prompt has nothing cached to keep
                     cache = _truncate(_cache_of(out), step_ids.shape[1], backup)
                 # Pass 2: the same token without transient steering; its keys/values persist.
                 # Only the cache is needed, so the LM head is skipped unless its logits

@@ -188,7 +188,6 @@ class Steerer:
         self._hi: torch.Tensor | None = None  # [rows, A] first position past the steered span
         self._transient_cols: torch.Tensor | None = None  # [A] bool
         self._forward: dict[str, Any] | None = None  # per-forward state from the pre-hook
-        self._token = object()
 
     # ----- registration -----------------------------------------------------------------
     def __enter__(self) -> Steerer:
