@@ -72,9 +72,9 @@ def extraction(lm: Any) -> dict[str, Any]:
     import repeng
     import steering_vectors as sv
 
-    from steerlab.chat import render
-    from steerlab.dataset import load_dataset
-    from steerlab.extraction import build_items, extract
+    from steerlab.core.dataset import load_dataset
+    from steerlab.core.prompts import render
+    from steerlab.hf.extraction import build_items, extract
 
     data = load_dataset(DATA).subset(list(range(PAIRS)))
     items, _ = build_items(lm, data)
@@ -155,19 +155,18 @@ def generation(lm: Any) -> dict[str, Any]:
     import steering_vectors as sv
 
     from steerlab import Sampling, Steering, decode, steer
-    from steerlab.chat import pad_batch
-    from steerlab.generation import encode_prompts
-    from steerlab.vector import SteeringVector
+    from steerlab.core.prompts import pad_batch
+    from steerlab.core.vector import SteeringVector
+    from steerlab.core.prompts import encode_prompts
 
     model, tok = lm.model, lm.tokenizer
     direction = torch.randn(lm.info.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.5
-    from steerlab.extraction import identity_of
 
-    vec = SteeringVector({LAYER: direction}, identity_of(lm))
+    vec = SteeringVector({LAYER: direction}, lm.identity)
     prompts = PROMPTS
     out: dict[str, Any] = {"new_tokens": NEW_TOKENS}
     for batch in (1, 8):
-        ids, mask = encode_prompts(lm, prompts[:batch])
+        ids, mask = encode_prompts(lm.tokenizer, prompts[:batch])
         kwargs = dict(
             input_ids=ids,
             attention_mask=mask,
@@ -250,7 +249,7 @@ def generation(lm: Any) -> dict[str, Any]:
         steering = (
             []
             if n == 0
-            else [Steering(SteeringVector({k: direction for k in layers}, identity_of(lm)), 1.0)]
+            else [Steering(SteeringVector({k: direction for k in layers}, lm.identity), 1.0)]
         )
         runs[str(n)] = lambda s=steering: decode(model, ids, mask, s, greedy, layer_map=lm.layers)
     per_layers = {n: 32 / t for n, t in interleaved(runs, REPEATS + 2).items()}
@@ -263,8 +262,8 @@ SCALING_CHILD = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads(int(sys.argv[2]))
 import steerlab
-from steerlab.dataset import load_dataset, Dataset
-from steerlab.extraction import extract
+from steerlab.core.dataset import load_dataset, Dataset
+from steerlab.hf.extraction import extract
 from pathlib import Path
 n = int(sys.argv[1])
 lm = steerlab.load_model("smollm2-135m", device="cpu", dtype="float32")

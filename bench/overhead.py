@@ -18,10 +18,9 @@ import torch
 
 from bench import PROMPTS  # bench/ is on sys.path when run as a script
 from steerlab import Sampling, Steering, decode, load_model
-from steerlab.extraction import identity_of
-from steerlab.generation import encode_prompts
-from steerlab.steering import Steerer
-from steerlab.vector import SteeringVector
+from steerlab.core.vector import SteeringVector
+from steerlab.core.prompts import encode_prompts
+from steerlab.hf.hooks import Steerer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,12 +56,12 @@ def main() -> None:
     rows = []
     gen = torch.Generator().manual_seed(0)
     for batch in (1, 8):
-        ids, mask = encode_prompts(lm, prompts[:batch])
+        ids, mask = encode_prompts(lm.tokenizer, prompts[:batch])
         for n_layers in (1, lm.info.num_layers):
             layers = [10] if n_layers == 1 else list(range(n_layers))
             vec = SteeringVector(
                 {k: torch.randn(lm.info.hidden_size, generator=gen) * 0.5 for k in layers},
-                identity_of(lm),
+                lm.identity,
             )
             spent[0] = 0.0
             start = time.perf_counter()

@@ -3,10 +3,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SHARED
+from helpers import SHARED
 
 from steerlab import SteerlabError
-from steerlab.dataset import DatasetError, load_dataset
+from steerlab.core.dataset import DatasetError, load_dataset
 
 AB = {
     "question": "Do it?\n\nChoices:\n (A) Yes\n (B) No",

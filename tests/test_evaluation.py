@@ -7,19 +7,19 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 import tiny
 import torch
-from conftest import SHARED, identity
+from helpers import SHARED
 
 from steerlab import Sampling, Steering, SteerlabError
-from steerlab.dataset import load_dataset
-from steerlab.evaluation import (
+from steerlab.core.dataset import load_dataset
+from steerlab.core.vector import SteeringVector
+from steerlab.evaluation.judges import keywords, llm, sentiment
+from steerlab.evaluation.metrics import (
     behaviour_probability,
     distinct_n,
     judged_generation,
     text_perplexity,
 )
-from steerlab.judges import keywords, llm, sentiment
-from steerlab.sweep import SweepConfig, compare_policies, recommend, run_sweep, split
-from steerlab.vector import SteeringVector
+from steerlab.evaluation.sweep import SweepConfig, compare_policies, recommend, run_sweep, split
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def planted_vector(lm, layer: int) -> SteeringVector:
     tok = lm.tokenizer
     a, b = tok.convert_tokens_to_ids("A"), tok.convert_tokens_to_ids("B")
     w = lm.model.get_output_embeddings().weight.detach()
-    return SteeringVector({layer: (w[a] - w[b]).float()}, identity(lm), method="planted")
+    return SteeringVector({layer: (w[a] - w[b]).float()}, lm.identity, method="planted")
 
 
 def test_ab_probability_rises_on_a_planted_model(ab_file):
@@ -81,7 +81,7 @@ def test_yesno_probability(tmp_path):
     w = lm.model.get_output_embeddings().weight.detach()
     vec = SteeringVector(
         {3: (w[tok.convert_tokens_to_ids("Y")] - w[tok.convert_tokens_to_ids("N")]).float()},
-        identity(lm),
+        lm.identity,
     )
     data = load_dataset(path)
     assert (
@@ -264,8 +264,8 @@ def test_real_model_small_sweep_on_shared_dataset(tmp_path):
 @pytest.mark.slow
 def test_real_model_sentiment_vector_changes_greedy_output():
     from steerlab import generate, load_model
-    from steerlab.demo import sentiment_dataset_path
-    from steerlab.extraction import extract
+    from steerlab.evaluation.demo import sentiment_dataset_path
+    from steerlab.hf.extraction import extract
 
     lm = load_model()
     vec = extract(lm, load_dataset(sentiment_dataset_path()), [9])

@@ -5,12 +5,12 @@ import json
 import pytest
 import tiny
 import torch
-from conftest import SHARED
+from helpers import SHARED
 
-from steerlab.aggregators import get_aggregator, logistic, mean_diff, pca_diff
-from steerlab.chat import encode, render
-from steerlab.dataset import load_dataset
-from steerlab.extraction import build_items, extract
+from steerlab.core.aggregators import get_aggregator, logistic, mean_diff, pca_diff
+from steerlab.core.dataset import load_dataset
+from steerlab.core.prompts import encode, render
+from steerlab.hf.extraction import build_items, extract
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import tiny
 import torch
 
 from steerlab import SteerlabError, find_layers, resolve_layers
-from steerlab.layers import block_output
+from steerlab.hf.layers import block_output
 
 
 @pytest.mark.parametrize("arch", tiny.ARCHITECTURES)

@@ -9,8 +9,8 @@ import pytest
 import tiny
 
 from steerlab import SteerlabError, load_model
-from steerlab.chat import pad_batch, render
-from steerlab.model import ensure_pad_token, resolve_alias
+from steerlab.core.prompts import pad_batch, render
+from steerlab.hf.model import ensure_pad_token, resolve_alias
 
 
 def test_pad_token_added_without_changing_ids():
@@ -85,7 +85,7 @@ def test_real_model_gguf_cache_converts_once(tmp_path):
     """Cold load converts; a warm load reuses the cache without converting again."""
     env = {**os.environ, "STEERLAB_CACHE": str(tmp_path)}
     code = (
-        "import time, steerlab.model as m\n"
+        "import time, steerlab.hf.model as m\n"
         "calls = []\n"
         "orig = m.convert_gguf\n"
         "t = time.time(); lm = m.load_model('smollm2-135m'); print('load', time.time() - t)\n"

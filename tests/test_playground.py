@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import tiny
-from conftest import random_vector, start_server
+from helpers import random_vector, start_server
 
-from steerlab.server import Limits, create_app, load_vectors
+from steerlab.formats import save_vector
+from steerlab.serving.app import Limits, create_app, load_vectors
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -26,7 +27,7 @@ pytestmark = [
 def url(tmp_path_factory):
     lm = tiny.model("llama")
     vdir = tmp_path_factory.mktemp("vectors")
-    random_vector(lm, [1, 2], seed=4, scale=2.0).save(vdir / "joy.safetensors")
+    save_vector(random_vector(lm, [1, 2], seed=4, scale=2.0), vdir / "joy.safetensors")
     app = create_app(lm, load_vectors(vdir, lm), Limits(max_tokens=64))
     base, stop = start_server(app)
     yield base + "/"

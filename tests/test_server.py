@@ -10,10 +10,11 @@ import httpx
 import openai
 import pytest
 import tiny
-from conftest import random_vector, start_server
+from helpers import random_vector, start_server
 
 from steerlab import SteerlabError
-from steerlab.server import Limits, create_app, load_vectors
+from steerlab.formats import save_vector
+from steerlab.serving.app import Limits, create_app, load_vectors
 
 
 def _free_port() -> int:
@@ -26,9 +27,9 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     lm = tiny.model("llama")
     vdir = tmp_path_factory.mktemp("vectors")
-    random_vector(lm, [1, 2], seed=1, scale=2.0).save(vdir / "happy.safetensors")
-    random_vector(lm, [1, 3], seed=2, scale=2.0).save(vdir / "sad.safetensors")
-    random_vector(lm, [2], seed=3, scale=2.0).save(vdir / "formal.safetensors")
+    save_vector(random_vector(lm, [1, 2], seed=1, scale=2.0), vdir / "happy.safetensors")
+    save_vector(random_vector(lm, [1, 3], seed=2, scale=2.0), vdir / "sad.safetensors")
+    save_vector(random_vector(lm, [2], seed=3, scale=2.0), vdir / "formal.safetensors")
     (vdir / "notes.txt").write_text("ignored")
     vectors = load_vectors(vdir, lm)
     app = create_app(lm, vectors, Limits(max_tokens=64, max_batch=8), model_name="tiny")
@@ -182,14 +183,14 @@ def test_bad_json_and_openai_client_error(server, client):
 def test_binds_loopback_by_default_and_rejects_bad_vector_dirs(tmp_path):
     import inspect
 
-    from steerlab import server as module
+    from steerlab.serving import app as module
 
     assert inspect.signature(module.serve).parameters["host"].default == "127.0.0.1"
     lm = tiny.model("llama")
     with pytest.raises(SteerlabError, match="does not exist"):
         load_vectors(tmp_path / "absent", lm)
     other = tiny.model("llama", seed=9)
-    random_vector(other, [1]).save(tmp_path / "foreign.safetensors")
+    save_vector(random_vector(other, [1]), tmp_path / "foreign.safetensors")
     with pytest.raises(SteerlabError, match="foreign.safetensors: .*--allow-model-mismatch"):
         load_vectors(tmp_path, lm)
     assert list(load_vectors(tmp_path, lm, allow_mismatch=True)) == ["foreign"]

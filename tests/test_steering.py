@@ -7,13 +7,13 @@ import threading
 import pytest
 import tiny
 import torch
-from conftest import random_vector
+from helpers import random_vector
 
 from steerlab import Sampling, Steering, SteerlabError, decode, steer
-from steerlab.chat import pad_batch
-from steerlab.layers import block_output
-from steerlab.policy import Policy
-from steerlab.reference import reference_generate
+from steerlab.core.policy import Policy
+from steerlab.core.prompts import pad_batch
+from steerlab.hf.layers import block_output
+from steerlab.hf.reference import reference_generate
 
 EQUIV_ARCHS = ["llama", "gpt2", "gpt_neox", "qwen2", "gemma2", "opt", "phi3", "mistral"]
 PERSISTING = ["all", "after-prompt", "from-marker:h", "prompt", "actadd"]

@@ -5,11 +5,12 @@ import pickle
 
 import pytest
 import torch
-from conftest import identity, random_vector
+from helpers import random_vector
 
 from steerlab import SteeringVector, SteerlabError
-from steerlab.llamacpp import export_gguf, import_gguf
-from steerlab.vector import ModelIdentity
+from steerlab.core.vector import ModelIdentity
+from steerlab.formats import load_vector, save_vector
+from steerlab.formats.gguf import export_gguf, import_gguf
 
 
 def test_immutable_and_arithmetic(llama):
@@ -35,7 +36,7 @@ def test_immutable_and_arithmetic(llama):
 
 
 def test_validation_rejects_nan_and_wrong_width(llama):
-    ident = identity(llama)
+    ident = llama.identity
     with pytest.raises(SteerlabError, match="NaN"):
         SteeringVector({1: torch.tensor([float("nan")] * 32)}, ident)
     with pytest.raises(SteerlabError, match="width 31"):
@@ -46,8 +47,8 @@ def test_validation_rejects_nan_and_wrong_width(llama):
 
 def test_safetensors_round_trip_keeps_everything(llama, tmp_path):
     v = random_vector(llama, [0, 2])
-    path = v.save(tmp_path / "v.safetensors")
-    w = SteeringVector.load(path)
+    path = save_vector(v, tmp_path / "v.safetensors")
+    w = load_vector(path)
     assert w.metadata() == v.metadata()
     for layer in v.layers:
         assert torch.equal(v.directions[layer], w.directions[layer])
@@ -58,7 +59,7 @@ def test_save_is_atomic(llama, tmp_path, monkeypatch):
     import safetensors.torch
 
     target = tmp_path / "v.safetensors"
-    random_vector(llama, [1]).save(target)
+    save_vector(random_vector(llama, [1]), target)
     before = target.read_bytes()
 
     def crash(tensors, filename, metadata=None):
@@ -68,7 +69,7 @@ def test_save_is_atomic(llama, tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
-        random_vector(llama, [1], seed=9).save(target)
+        save_vector(random_vector(llama, [1], seed=9), target)
     assert target.read_bytes() == before and len(list(tmp_path.iterdir())) == 1
 
 
@@ -76,28 +77,28 @@ def test_pickles_and_foreign_files_are_refused(llama, tmp_path):
     pt = tmp_path / "v.pt"
     torch.save({"x": torch.zeros(3)}, pt)
     with pytest.raises(SteerlabError, match="pickle/torch file, which steerlab never loads"):
-        SteeringVector.load(pt)
+        load_vector(pt)
     disguised = tmp_path / "v.safetensors"
     disguised.write_bytes(pickle.dumps({"a": 1}, protocol=4))
     with pytest.raises(SteerlabError, match="never loads"):
-        SteeringVector.load(disguised)
+        load_vector(disguised)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(SteerlabError, match="not a readable safetensors file"):
-        SteeringVector.load(junk)
+        load_vector(junk)
     with pytest.raises(SteerlabError, match="does not exist"):
-        SteeringVector.load(tmp_path / "absent.safetensors")
+        load_vector(tmp_path / "absent.safetensors")
     from safetensors.torch import save_file
 
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, plain)
     with pytest.raises(SteerlabError, match="no steerlab metadata"):
-        SteeringVector.load(plain)
+        load_vector(plain)
 
 
 def test_model_checks(llama):
     v = random_vector(llama, [1])
-    me = identity(llama)
+    me = llama.identity
     assert v.check_model(me) == []
     with pytest.raises(SteerlabError, match="hidden size 32"):
         v.check_model(dataclasses.replace(me, hidden_size=64))
@@ -114,7 +115,7 @@ def test_model_checks(llama):
 def test_gguf_round_trip_and_refusals(llama, tmp_path):
     v = random_vector(llama, [1, 3])
     path = export_gguf(v, tmp_path / "v.gguf")
-    w = SteeringVector.load(path)  # dispatches on the GGUF magic
+    w = load_vector(path)  # dispatches on the GGUF magic
     assert w.metadata() == v.metadata()
     with pytest.raises(SteerlabError, match="cannot steer layer 0"):
         export_gguf(random_vector(llama, [0, 1]), tmp_path / "z.gguf")
@@ -162,4 +163,4 @@ def test_nan_in_a_vector_file_is_a_clear_error(llama, tmp_path):
     with pytest.raises(
         SteerlabError, match="holds an invalid vector: direction for layer 1 contains NaN"
     ):
-        SteeringVector.load(path)
+        load_vector(path)

@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from steerlab.model import LoadedModel, describe
+from steerlab.hf.model import LoadedModel, describe
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = list(string.printable)

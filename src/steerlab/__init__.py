@@ -1,22 +1,38 @@
 """steerlab: activation steering with exact position policies, evaluation and serving.
 
-Where steering happens: :mod:`steerlab.steering` (the ``steer()`` context manager and its
-hooks) and :mod:`steerlab.generation` (the decoding loop, including ``transient``).
+Where things live (docs/design.md, "Layout"):
+
+* :mod:`steerlab.core`: engine-independent: vectors, policies (:mod:`steerlab.core.policy`
+  owns which positions each policy steers), the steering math (:mod:`steerlab.core.plan`),
+  datasets, aggregators, prompt rendering, the engine seam.
+* :mod:`steerlab.formats`: vector files (safetensors, llama.cpp GGUF), atomic writes.
+* :mod:`steerlab.hf`: the Hugging Face engine: loading, layer discovery, the steering hooks
+  (:mod:`steerlab.hf.hooks`), decoding incl. ``transient`` (:mod:`steerlab.hf.decoding`),
+  extraction and the plain reference.
+* :mod:`steerlab.evaluation` and :mod:`steerlab.serving` above them; :mod:`steerlab.cli` on top.
+
+Importing ``steerlab`` loads neither the server (fastapi, uvicorn) nor matplotlib.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from steerlab.errors import SteerlabError
-from steerlab.generation import Decoded, Sampling, decode, generate
-from steerlab.layers import LayerMap, find_layers, resolve_layers
-from steerlab.model import LoadedModel, ModelInfo, describe, load_model
-from steerlab.policy import Policy
-from steerlab.steering import Steerer, Steering, steer
-from steerlab.vector import DatasetInfo, ModelIdentity, SteeringVector
+from steerlab._version import __version__
+from steerlab.core.dataset import Dataset, load_dataset
+from steerlab.core.decoded import Decoded
+from steerlab.core.errors import SteerlabError
+from steerlab.core.policy import Policy, Span
+from steerlab.core.sampling import Sampling
+from steerlab.core.steering import Steering
+from steerlab.core.vector import DatasetInfo, ModelIdentity, SteeringVector
+from steerlab.formats import export_gguf, import_gguf, load_vector, save_vector
+from steerlab.hf.decoding import decode, generate
+from steerlab.hf.extraction import extract
+from steerlab.hf.hooks import steer
+from steerlab.hf.layers import LayerMap, find_layers, resolve_layers
+from steerlab.hf.model import LoadedModel, ModelInfo, describe, load_model
 
 __all__ = [
+    "Dataset",
     "DatasetInfo",
     "Decoded",
     "LayerMap",
@@ -25,16 +41,22 @@ __all__ = [
     "ModelInfo",
     "Policy",
     "Sampling",
-    "Steerer",
+    "Span",
     "Steering",
     "SteeringVector",
     "SteerlabError",
     "__version__",
     "decode",
     "describe",
+    "export_gguf",
+    "extract",
     "find_layers",
     "generate",
+    "import_gguf",
+    "load_dataset",
     "load_model",
+    "load_vector",
     "resolve_layers",
+    "save_vector",
     "steer",
 ]

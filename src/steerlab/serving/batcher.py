@@ -1,7 +1,7 @@
 """The server's batcher: one worker thread runs queued requests as padded batches.
 
 Requests waiting when the worker is free form one left-padded batch (rows with equal
-sampling settings), each row with its own steerings, through :func:`steerlab.decode`. A
+sampling settings), each row with its own steerings, through the engine's ``decode_batch`` (:class:`steerlab.core.engine.Engine`). A
 request that arrives during a batch waits for the next one (per-batch, not continuous,
 batching). Each row's tokens are pushed to its own queue as they are made, for streaming.
 """
@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 
-from steerlab.chat import pad_batch
-from steerlab.generation import Sampling, decode
-from steerlab.model import LoadedModel
-from steerlab.steering import Steering
+from steerlab.core.engine import Engine
+from steerlab.core.sampling import Sampling
+from steerlab.core.steering import Steering
 
 Emit = Callable[[str, Any], None]  # ("token", id) / ("done", finish_reason) / ("error", message)
 
@@ -45,7 +44,7 @@ class Job:
 class Batcher:
     """Owns the model; serves :class:`Job` rows from a queue in one worker thread."""
 
-    def __init__(self, lm: LoadedModel, max_batch: int = 8) -> None:
+    def __init__(self, lm: Engine, max_batch: int = 8) -> None:
         self.lm = lm
         self.max_batch = max_batch
         self.jobs: queue.Queue[Job | None] = queue.Queue()
@@ -95,7 +94,6 @@ class Batcher:
     @torch.no_grad()
     def _serve(self, batch: list[Job]) -> None:
         tok = self.lm.tokenizer
-        ids, mask = pad_batch([j.ids for j in batch], int(tok.pad_token_id), "left")
         first = batch[0]
         sampling = Sampling(
             max_new_tokens=max(j.max_tokens for j in batch),
@@ -125,16 +123,8 @@ class Batcher:
                     finished[r] = True
             return all(finished)
 
-        decode(
-            self.lm.model,
-            ids,
-            mask,
-            [j.steering for j in batch],
-            sampling,
-            layer_map=self.lm.layers,
-            tokenizer=tok,
-            eos_token_id=eos,
-            on_step=on_step,
+        self.lm.decode_batch(
+            [j.ids for j in batch], [j.steering for j in batch], sampling, on_step=on_step
         )
         for r, job in enumerate(batch):
             if not finished[r]:

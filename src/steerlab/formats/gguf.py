@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steerlab.errors import SteerlabError
-from steerlab.vector import ModelIdentity, SteeringVector, _atomic_write, from_metadata
+from steerlab.core.errors import SteerlabError
+from steerlab.core.vector import ModelIdentity, SteeringVector, from_metadata
+from steerlab.formats.atomic import atomic_write
 
 ARCH = "controlvector"
 _META = "steerlab.metadata"
@@ -51,7 +52,7 @@ def export_gguf(vector: SteeringVector, path: str | Path) -> Path:
         writer.write_tensors_to_file()
         writer.close()
 
-    _atomic_write(target, write)
+    atomic_write(target, write)
     return target
 
 
@@ -101,9 +102,16 @@ def import_gguf(path: str | Path) -> SteeringVector:
             f"'{path}' holds no control vector (no direction.N tensors): pass a llama.cpp "
             "control-vector GGUF, not a model"
         )
-    meta_text = _field_str(reader, _META)
-    if meta_text:
-        return from_metadata(directions, json.loads(meta_text))
+    try:
+        meta_text = _field_str(reader, _META)
+        if meta_text:
+            return from_metadata(directions, json.loads(meta_text))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, IndexError):
+        raise SteerlabError(
+            f"'{path}' has broken steerlab metadata (not JSON): re-export the vector"
+        ) from None
+    except SteerlabError as exc:
+        raise SteerlabError(f"'{path}' holds an invalid vector: {exc}") from None
     hint = _field_str(reader, f"{ARCH}.model_hint") or "unknown"
     count = _field_int(reader, f"{ARCH}.layer_count") or 0
     width = int(next(iter(directions.values())).shape[0])

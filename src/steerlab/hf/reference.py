@@ -1,8 +1,9 @@
-"""The reference semantics of ../shared/DESIGN.md, written plainly: no cache, no batching.
+"""The reference semantics of docs/design.md, written plainly: no cache, no batching.
 
 At every step the whole sequence is recomputed from scratch and each steering adds its
 vector at exactly the positions its policy names. Slow on purpose; the tests hold the
-fast implementations in :mod:`steerlab.steering` and :mod:`steerlab.generation` to it.
+fast implementations in :mod:`steerlab.hf.hooks` and :mod:`steerlab.hf.decoding` to it.
+The positions come from :meth:`steerlab.core.policy.Policy.span`, as in every engine.
 """
 
 from __future__ import annotations
@@ -13,33 +14,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from steerlab.layers import (
+from steerlab.core.policy import marker_end
+from steerlab.core.steering import Steering
+from steerlab.hf.layers import (
     LayerMap,
     block_output,
-    embedding_weight,
     find_layers,
+    input_device,
     replace_block_output,
 )
-from steerlab.policy import marker_end
-from steerlab.steering import Steering
 
 
 def steered_positions(
-    steering: Steering, prompt_len: int, seq_len: int, marker_at: int = 0
+    steering: Steering, prompt_len: int, seq_len: int, marker_at: int | None = None
 ) -> list[int]:
-    """The set S of DESIGN.md for one sequence of ``seq_len`` tokens, as a sorted list."""
-    kind = steering.policy.kind
-    if kind == "all":
-        return list(range(seq_len))
-    if kind == "after-prompt":
-        return list(range(prompt_len - 1, seq_len))
-    if kind == "from-marker":
-        return list(range(marker_at, seq_len))
-    if kind == "prompt":
-        return list(range(min(prompt_len, seq_len)))
-    if kind == "actadd":
-        return list(range(min(steering.vector.rows, seq_len)))
-    return [seq_len - 1]  # transient: the newest position only, recomputed every step
+    """The set S of docs/design.md for one sequence of ``seq_len`` tokens, as a sorted list."""
+    return steering.span(prompt_len, marker_at).positions(seq_len)
 
 
 @torch.no_grad()
@@ -58,11 +48,11 @@ def reference_logits(
         for s in steerings:
             if s.multiplier == 0.0:
                 continue
-            marker_at = 0
-            if s.policy.kind == "from-marker":
+            marker_at = None
+            if s.policy.needs_marker:
                 marker_at = marker_end(tokenizer, list(ids[:prompt_len]), str(s.policy.marker))
             positions = steered_positions(s, prompt_len, len(ids), marker_at)
-            for layer in s.layers or ():
+            for layer in s.steered_layers:
                 delta = s.delta(layer)
 
                 def hook(
@@ -80,7 +70,7 @@ def reference_logits(
                     return replace_block_output(output, hidden)
 
                 handles.append(layer_map.blocks[layer].register_forward_hook(hook))
-        tensor = torch.tensor([list(ids)], device=embedding_weight(model).device)
+        tensor = torch.tensor([list(ids)], device=input_device(model))
         return model(input_ids=tensor, use_cache=False).logits[0].float()
     finally:
         for h in handles:

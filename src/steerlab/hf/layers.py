@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from steerlab.errors import SteerlabError
+from steerlab.core.errors import SteerlabError
 
 # model_type -> dotted path of the decoder-block list (relative to the *ForCausalLM module).
 LAYER_PATHS: dict[str, str] = {
@@ -168,6 +168,11 @@ def embedding_weight(model: nn.Module) -> torch.Tensor:
     """The input-embedding matrix; its device and dtype are the model's input side."""
     embeddings: Any = model.get_input_embeddings()  # type: ignore[operator]
     return embeddings.weight  # type: ignore[no-any-return]
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: the device of its input embeddings."""
+    return embedding_weight(model).device
 
 
 def block_output(output: object) -> torch.Tensor:

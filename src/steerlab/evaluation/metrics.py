@@ -8,14 +8,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steerlab.chat import encode, pad_batch, render
-from steerlab.dataset import Dataset
-from steerlab.errors import SteerlabError
-from steerlab.generation import Sampling, generate
-from steerlab.judges import Judge
-from steerlab.layers import embedding_weight
-from steerlab.model import LoadedModel
-from steerlab.steering import Steerer, Steering
+from steerlab.core.dataset import Dataset
+from steerlab.core.errors import SteerlabError
+from steerlab.core.prompts import left_padded, prompt_ids
+from steerlab.core.sampling import Sampling
+from steerlab.core.steering import Steering
+from steerlab.evaluation.judges import Judge
+from steerlab.hf.decoding import generate
+from steerlab.hf.hooks import Steerer
+from steerlab.hf.model import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -56,23 +57,20 @@ def behaviour_probability(
     seqs, pairs_ids = [], []
     for p in dataset.pairs:
         seqs.append(
-            encode(
-                tok, render(tok, p.prompt or "", system=system, assistant_prefix=prefix, chat=chat)
-            )
+            prompt_ids(tok, p.prompt or "", system=system, assistant_prefix=prefix, chat=chat)
         )
         pos = p.positive.strip("()") if dataset.format == "ab" else p.positive
         neg = p.negative.strip("()") if dataset.format == "ab" else p.negative
         pairs_ids.append((first_token(pos), first_token(neg)))
-    device = embedding_weight(lm.model).device
+    device = lm.device
     scores: list[float] = []
     for begin in range(0, len(seqs), batch_size):
         chunk = seqs[begin : begin + batch_size]
-        ids, mask = pad_batch(chunk, int(tok.pad_token_id), "left")
+        ids, mask = left_padded(tok, chunk)
         steerer = Steerer(
             lm.model, list(steering), lm.layers, [len(s) for s in chunk], tok, allow_transient=True
         )
-        steerer.transient_phase = True
-        with steerer:
+        with steerer, steerer.logits_pass():
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = (
                 lm.model(
@@ -108,11 +106,10 @@ def text_perplexity(lm: LoadedModel, text: str, steering: Sequence[Steering] = (
     ids = lm.tokenizer(text)["input_ids"]
     if len(ids) < 2:
         raise SteerlabError("the neutral text needs at least two tokens")
-    device = embedding_weight(lm.model).device
+    device = lm.device
     tensor = torch.tensor([ids], device=device)
     steerer = Steerer(lm.model, list(steering), lm.layers, [1], lm.tokenizer, allow_transient=True)
-    steerer.transient_phase = True
-    with steerer:
+    with steerer, steerer.logits_pass():
         logits = lm.model(input_ids=tensor).logits[0, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits, tensor[0, 1:])
     return float(torch.exp(nll))

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from steerlab.errors import SteerlabError
-from steerlab.layers import LayerMap, embedding_weight, find_layers
+from steerlab.core.decoded import Decoded
+from steerlab.core.errors import SteerlabError
+from steerlab.core.prompts import left_padded
+from steerlab.core.sampling import Sampling
+from steerlab.core.steering import Steering
+from steerlab.core.vector import ModelIdentity
+from steerlab.hf.decoding import decode
+from steerlab.hf.layers import LayerMap, embedding_weight, find_layers, input_device
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,12 +69,66 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model, its tokenizer, its block map and its description."""
+    """A model, its tokenizer, its block map and its description.
+
+    This is the Hugging Face engine: it satisfies :class:`steerlab.core.engine.Engine`.
+    """
 
     model: nn.Module
     tokenizer: Any
     layers: LayerMap
     info: ModelInfo
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embeddings."""
+        return input_device(self.model)
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The :class:`ModelIdentity` that vectors made on this model record."""
+        i = self.info
+        return ModelIdentity(i.name, i.architecture, i.hidden_size, i.num_layers, i.fingerprint)
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model takes (2048 when its config does not say)."""
+        config = getattr(self.model, "config", None)
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048
+
+    @property
+    def learned_positions(self) -> bool:
+        """Whether positions index a learned table (GPT-2, OPT ...): a hard context limit."""
+        return str(self.info.architecture) in _LEARNED_POSITIONS
+
+    def decode_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        steering: Sequence[Sequence[Steering]],
+        sampling: Sampling,
+        *,
+        on_step: Callable[[torch.Tensor, torch.Tensor], bool | None] | None = None,
+    ) -> Decoded:
+        """Generate from unpadded prompt ids, one steering list per row (the engine seam)."""
+        ids, mask = left_padded(self.tokenizer, prompts)
+        return decode(
+            self.model,
+            ids,
+            mask,
+            steering,
+            sampling,
+            layer_map=self.layers,
+            tokenizer=self.tokenizer,
+            eos_token_id=self.tokenizer.eos_token_id,
+            on_step=on_step,
+        )
+
+
+_LEARNED_POSITIONS = frozenset({"gpt2", "opt", "gpt_neo", "gptj", "bloom"})
 
 
 def cache_root() -> Path:

@@ -11,16 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from steerlab.dataset import Dataset
-from steerlab.errors import SteerlabError
-from steerlab.evaluation import behaviour_probability, judged_generation, text_perplexity
-from steerlab.extraction import extract
-from steerlab.generation import Sampling
-from steerlab.judges import Judge
-from steerlab.model import LoadedModel
-from steerlab.policy import Policy
-from steerlab.steering import Steering
-from steerlab.vector import SteeringVector
+from steerlab.core.dataset import Dataset
+from steerlab.core.errors import SteerlabError
+from steerlab.core.policy import Policy
+from steerlab.core.sampling import Sampling
+from steerlab.core.steering import Steering
+from steerlab.core.vector import SteeringVector
+from steerlab.evaluation.judges import Judge
+from steerlab.evaluation.metrics import behaviour_probability, judged_generation, text_perplexity
+from steerlab.formats import load_vector, save_vector
+from steerlab.hf.extraction import extract
+from steerlab.hf.model import LoadedModel
 
 DEFAULT_PROMPTS = (
     "Tell me about your day.",
@@ -214,10 +215,10 @@ def run_sweep(
     train, test = split(dataset, config.test_fraction, config.seed)
     vector_path = out_dir / "vector.safetensors"
     if vector_path.exists() and not fresh:
-        vector = SteeringVector.load(vector_path)
+        vector = load_vector(vector_path)
     else:
         vector = extract(lm, train, list(config.layers), method=config.method, progress=progress)
-        vector.save(vector_path)
+        save_vector(vector, vector_path)
     ab = dataset.format in ("ab", "yesno")
     if ab:
         test = test.subset(list(range(min(len(test), config.max_test_items))))
@@ -290,7 +291,7 @@ def run_sweep(
         key=lambda r: (r["layer"], r["multiplier"]),
     )
     _write_table(rows, out_dir, "results")
-    from steerlab.plots import sweep_plots
+    from steerlab.evaluation.plots import sweep_plots
 
     plots = sweep_plots(rows, out_dir, behaviour_label)
     best = recommend(rows, config.perplexity_bound)
@@ -299,7 +300,7 @@ def run_sweep(
 
 
 def _neutral() -> str:
-    from steerlab.evaluation import NEUTRAL_TEXT
+    from steerlab.evaluation.metrics import NEUTRAL_TEXT
 
     return NEUTRAL_TEXT
 
@@ -424,7 +425,7 @@ def compare_policies(
             row["ab_score"] = behaviour_probability(lm, ab_dataset, steering).mean
         rows.append(row)
     _write_table(rows, out_dir, "policies")
-    from steerlab.plots import policy_plots
+    from steerlab.evaluation.plots import policy_plots
 
     policy_plots(rows, out_dir, behaviour_label)
     cols = ["policy", "behaviour", "kl", "perplexity", "distinct2"] + (

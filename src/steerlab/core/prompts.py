@@ -1,4 +1,8 @@
-"""Rendering prompts: the model's chat template when it has one, plain text otherwise."""
+"""Rendering prompts to token ids: the model's chat template when it has one, plain text otherwise.
+
+Every module that turns text into model input goes through :func:`prompt_ids` (or
+:func:`encode_prompts` for a left-padded batch).
+"""
 
 from __future__ import annotations
 
@@ -86,3 +90,38 @@ def position_ids(attention_mask: torch.Tensor, past: int = 0) -> torch.Tensor:
     positions = attention_mask.long().cumsum(-1) - 1  # [batch, past + seq]
     positions = positions.clamp(min=0)
     return positions[:, past:]
+
+
+def prompt_ids(
+    tokenizer: Any,
+    user: str,
+    *,
+    system: str | None = None,
+    assistant_prefix: str = "",
+    chat: bool = True,
+) -> list[int]:
+    """Token ids of one user turn rendered by :func:`render` (the one rendering path)."""
+    return encode(
+        tokenizer,
+        render(tokenizer, user, system=system, assistant_prefix=assistant_prefix, chat=chat),
+    )
+
+
+def left_padded(
+    tokenizer: Any, sequences: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of a left-padded batch, padded with the pad token."""
+    return pad_batch(sequences, int(tokenizer.pad_token_id), side="left")
+
+
+def encode_prompts(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    chat: bool = True,
+    system: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render and left-pad prompts into ``input_ids`` and ``attention_mask``."""
+    return left_padded(
+        tokenizer, [prompt_ids(tokenizer, p, system=system, chat=chat) for p in prompts]
+    )

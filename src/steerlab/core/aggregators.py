@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from steerlab.errors import SteerlabError
+from steerlab.core.errors import SteerlabError
 
 Aggregator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -1,8 +1,8 @@
-"""Steered decoding: one loop for every policy, batched with left padding.
+"""Steered decoding on Hugging Face models: one loop for every policy, batched with left padding.
 
 Persisting policies run one forward per token with the steering hooks on. ``transient``
 runs two: a steered pass whose logits pick the token, then the cache is cropped back and
-an unsteered pass appends the unsteered keys and values (../shared/DESIGN.md).
+an unsteered pass appends the unsteered keys and values (docs/design.md, "Transient").
 """
 
 from __future__ import annotations
@@ -11,64 +11,23 @@ import copy
 import functools
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from steerlab.chat import encode, pad_batch, render
-from steerlab.errors import SteerlabError
-from steerlab.layers import LayerMap, embedding_weight
-from steerlab.model import LoadedModel
-from steerlab.steering import Steerer, Steering
+from steerlab.core.decoded import Decoded
+from steerlab.core.errors import SteerlabError
+from steerlab.core.prompts import encode_prompts
+from steerlab.core.sampling import Sampling
+from steerlab.core.steering import Steering
+from steerlab.hf.hooks import Steerer
+from steerlab.hf.layers import LayerMap, input_device
 
+if TYPE_CHECKING:
+    from steerlab.hf.model import LoadedModel
 
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding settings.
-
-    Args:
-        max_new_tokens: tokens to generate per row.
-        temperature: 0 for greedy decoding.
-        top_p: nucleus sampling mass (with temperature > 0).
-        seed: seed for sampling.
-        stop_at_eos: stop a row at its EOS token.
-    """
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_at_eos: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise SteerlabError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            raise SteerlabError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise SteerlabError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass(frozen=True)
-class Decoded:
-    """Output of :func:`decode`.
-
-    Attributes:
-        tokens: ``[batch, n]`` generated ids (rows that stopped early are padded with EOS).
-        lengths: generated tokens per row, EOS included.
-        logits: per-step steered logits ``[batch, n, vocab]`` when requested.
-        kl: per-step KL(steered || unsteered) ``[batch, n]`` when ``track_unsteered``.
-        unsteered_logprobs: log-probability of each generated token under the unsteered
-            model ``[batch, n]`` when ``track_unsteered``.
-    """
-
-    tokens: torch.Tensor
-    lengths: list[int]
-    logits: torch.Tensor | None = None
-    kl: torch.Tensor | None = None
-    unsteered_logprobs: torch.Tensor | None = None
+__all__ = ["Decoded", "Sampling", "cache_kwarg", "decode", "generate", "generate_multipliers"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -164,7 +123,7 @@ def decode(
         raise ValueError("input_ids and attention_mask must have the same shape")
     if bool((attention_mask[:, -1] == 0).any()):
         raise SteerlabError("decode() needs left-padded prompts (a row ends with padding)")
-    device = embedding_weight(model).device
+    device = input_device(model)
     ids = input_ids.to(device)
     mask = attention_mask.to(device)
     batch = ids.shape[0]
@@ -182,7 +141,7 @@ def decode(
         tokenizer=tokenizer,
         allow_transient=True,
     )
-    transient = any(s.policy.kind == "transient" for s in steerer.apps)
+    transient = steerer.plan.transient
     out_tokens: list[torch.Tensor] = []
     out_logits: list[torch.Tensor] = []
     kls: list[torch.Tensor] = []
@@ -190,7 +149,7 @@ def decode(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     finished_at = [sampling.max_new_tokens] * batch
     fill = min(eos_set) if eos_set else 0
-    persisting = any(s.policy.kind != "transient" for s in steerer.apps)
+    persisting = steerer.plan.persisting
     body = steerer.layer_map.base  # the blocks without the LM head, for cache-only passes
     with steerer:
         cache: Any = None
@@ -209,9 +168,8 @@ def decode(
                 if cache is not None and not _can_crop(cache):
                     backup = copy.deepcopy(cache)
                 # Pass 1: the newest position steered, for this step's logits only.
-                steerer.transient_phase = True
-                out = _forward(model, step_ids, mask, cache)
-                steerer.transient_phase = False
+                with steerer.logits_pass():
+                    out = _forward(model, step_ids, mask, cache)
                 logits = out.logits[:, -1, :].float()  # [batch, vocab]
                 if cache is not None:  # a one-token prompt has nothing cached to keep
                     cache = _truncate(_cache_of(out), step_ids.shape[1], backup)
@@ -229,9 +187,8 @@ def decode(
                 cache = _cache_of(out)
                 logits = out.logits[:, -1, :].float()
             if track_unsteered and plain_logits is None:
-                steerer.enabled = False
-                ref = _forward(model, step_ids if step or not transient else ids, mask, shadow)
-                steerer.enabled = True
+                with steerer.unsteered():
+                    ref = _forward(model, step_ids if step or not transient else ids, mask, shadow)
                 shadow = _cache_of(ref)
                 plain_logits = ref.logits[:, -1, :].float()
             token = _pick(logits, sampling, generator)
@@ -269,20 +226,6 @@ def decode(
     )
 
 
-def encode_prompts(
-    lm: LoadedModel,
-    prompts: Sequence[str],
-    *,
-    chat: bool = True,
-    system: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render and left-pad prompts into ``input_ids`` and ``attention_mask``."""
-    seqs = [
-        encode(lm.tokenizer, render(lm.tokenizer, p, system=system, chat=chat)) for p in prompts
-    ]
-    return pad_batch(seqs, int(lm.tokenizer.pad_token_id), side="left")
-
-
 def generate(
     lm: LoadedModel,
     prompts: Sequence[str],
@@ -298,7 +241,7 @@ def generate(
     Returns:
         The decoded completions (without special tokens) and the raw :class:`Decoded`.
     """
-    ids, mask = encode_prompts(lm, prompts, chat=chat, system=system)
+    ids, mask = encode_prompts(lm.tokenizer, prompts, chat=chat, system=system)
     result = decode(
         lm.model,
         ids,
@@ -339,9 +282,6 @@ def generate_multipliers(
         ``(multiplier, completion)`` pairs, the unsteered one first.
     """
     values = [0.0] + [m for m in multipliers if m != 0.0]
-    rows = [
-        [Steering(s.vector, s.multiplier * m, s.layers, s.policy, s.scale) for s in steerings]
-        for m in values
-    ]
+    rows = [[s.with_multiplier(s.multiplier * m) for s in steerings] for m in values]
     texts, _ = generate(lm, [prompt] * len(values), rows, sampling, chat=chat, system=system)
     return list(zip(values, texts, strict=True))

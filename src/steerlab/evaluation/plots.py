@@ -11,7 +11,7 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        from steerlab.errors import SteerlabError
+        from steerlab.core.errors import SteerlabError
 
         raise SteerlabError("plots need matplotlib: pip install 'steerlab[eval]'") from None
     matplotlib.use("Agg")

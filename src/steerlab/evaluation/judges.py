@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 
-from steerlab.errors import SteerlabError
+from steerlab.core.errors import SteerlabError
 
 Judge = Callable[[Sequence[str]], list[float]]
 

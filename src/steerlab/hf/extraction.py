@@ -1,43 +1,25 @@
-"""Batched activation reading and vector extraction (../shared/DESIGN.md, "Extraction").
+"""Vector extraction on Hugging Face models (docs/design.md, "Extraction").
 
-Every batch is one padded forward pass that reads all requested layers at once and stops
-after the highest one (the blocks above it and the LM head never run).
+A dataset becomes items (token ids and the span to read), :mod:`steerlab.hf.reading`
+reads them in batches, and an aggregator turns the reads into one direction per layer.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from steerlab.aggregators import get_aggregator
-from steerlab.chat import encode, pad_batch, position_ids, render
-from steerlab.dataset import Dataset
-from steerlab.errors import SteerlabError
-from steerlab.layers import LayerMap, block_output, embedding_weight, resolve_layers
-from steerlab.model import LoadedModel
-from steerlab.vector import ModelIdentity, SteeringVector
-
-ReadPosition = Literal["auto", "answer", "last", "mean"]
-READ_POSITIONS = ("auto", "answer", "last", "mean")
-
-
-@dataclass(frozen=True)
-class Item:
-    """One sequence to read: the mean over positions ``start..end-1`` (one token if end = start + 1)."""
-
-    ids: list[int]
-    start: int
-    end: int
-    positive: bool
-
-
-class _Stop(Exception):
-    """Raised by the hook of the highest requested layer to end the forward early."""
+from steerlab.core.aggregators import get_aggregator
+from steerlab.core.dataset import Dataset
+from steerlab.core.errors import SteerlabError
+from steerlab.core.prompts import prompt_ids
+from steerlab.core.vector import SteeringVector
+from steerlab.hf.layers import block_output, resolve_layers
+from steerlab.hf.model import LoadedModel
+from steerlab.hf.reading import Item, read_activations, read_pair_activations
 
 
 def auto_read_position(fmt: str) -> str:
@@ -77,10 +59,8 @@ def build_items(
     items: list[Item] = []
 
     def span(prompt: str | None, completion: str) -> tuple[list[int], int]:
-        full = encode(
-            tok, render(tok, prompt or "", system=system, assistant_prefix=completion, chat=chat)
-        )
-        bare = encode(tok, render(tok, prompt or "", system=system, chat=chat))
+        full = prompt_ids(tok, prompt or "", system=system, assistant_prefix=completion, chat=chat)
+        bare = prompt_ids(tok, prompt or "", system=system, chat=chat)
         start = min(_common_prefix(full, bare), len(full) - 1)
         return full, start
 
@@ -111,202 +91,6 @@ def build_items(
         else:
             items += [Item(pos, pos_start, len(pos), True), Item(neg, neg_start, len(neg), False)]
     return items, read
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-class _Reader:
-    """Hooks that read weighted sums of block outputs, one forward at a time.
-
-    ``run`` takes the forward's keyword arguments and ``[n, seq]`` read weights and returns
-    ``[n, len(layers), d]``; the forward stops after the highest requested block.
-    """
-
-    def __init__(self, layer_map: LayerMap, layers: Sequence[int]) -> None:
-        self.layer_map = layer_map
-        self.layers = list(layers)
-        self.top = max(layers)
-        self.captured: dict[int, torch.Tensor] = {}
-        self.weights = torch.zeros(0, 0)
-        self.repeat = 1
-        self.handles: list[Any] = []
-
-    def __enter__(self) -> _Reader:
-        try:
-            for layer in sorted(set(self.layers)):
-                block = self.layer_map.blocks[layer]
-                self.handles.append(block.register_forward_hook(self._hook(layer)))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def _hook(self, layer: int) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            hidden = block_output(output).float()  # [n, seq, d]
-            if self.repeat > 1:
-                hidden = hidden.repeat_interleave(self.repeat, dim=0)  # [n * repeat, seq, d]
-            w = self.weights.to(hidden.device)
-            self.captured[layer] = torch.einsum("ns,nsd->nd", w, hidden).cpu()
-            if layer == self.top:
-                raise _Stop
-
-        return hook
-
-    def run(self, kwargs: dict[str, Any], weights: torch.Tensor, repeat: int = 1) -> torch.Tensor:
-        self.weights = weights
-        self.repeat = repeat
-        self.captured.clear()
-        with contextlib.suppress(_Stop):
-            self.layer_map.base(**kwargs)
-        return torch.stack([self.captured[layer] for layer in self.layers], dim=1)
-
-
-@torch.no_grad()
-def read_activations(
-    model: nn.Module,
-    layer_map: LayerMap,
-    items: Sequence[Item],
-    layers: Sequence[int],
-    *,
-    batch_size: int = 32,
-    pad_id: int = 0,
-    padding_side: str = "left",
-) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Read the items' activations, one padded forward per batch.
-
-    Items are sorted by length (longest first) to reduce padding.
-
-    Yields:
-        The items' indices and their reads ``[n, len(layers), d]`` (float32, CPU).
-    """
-    if batch_size < 1:
-        raise SteerlabError(f"batch size must be at least 1, got {batch_size}")
-    order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
-    device = embedding_weight(model).device
-    use_positions = _accepts(layer_map.base, "position_ids")
-    with _Reader(layer_map, layers) as reader:
-        for begin in range(0, len(order), batch_size):
-            chunk = order[begin : begin + batch_size]
-            ids, mask = pad_batch([items[i].ids for i in chunk], pad_id, side=padding_side)
-            width = ids.shape[1]
-            w = torch.zeros(len(chunk), width)  # [n, seq]
-            for row, i in enumerate(chunk):
-                it = items[i]
-                offset = width - len(it.ids) if padding_side == "left" else 0
-                w[row, offset + it.start : offset + it.end] = 1.0 / (it.end - it.start)
-            kwargs: dict[str, Any] = {
-                "input_ids": ids.to(device),
-                "attention_mask": mask.to(device),
-                "use_cache": False,
-            }
-            if use_positions:
-                kwargs["position_ids"] = position_ids(mask).to(device)
-            yield chunk, reader.run(kwargs, w)
-
-
-@torch.no_grad()
-def read_pair_activations(
-    model: nn.Module,
-    layer_map: LayerMap,
-    items: Sequence[Item],
-    layers: Sequence[int],
-    *,
-    batch_size: int = 32,
-    pad_id: int = 0,
-    padding_side: str = "left",
-) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Read contrastive pairs (``items[2i]`` positive, ``items[2i+1]`` negative), running
-    their shared prompt prefix once.
-
-    Per batch: one forward of the pairs' common prefixes (left- or right-padded) fills a KV
-    cache; the cache is repeated for the two completions, and one forward of the
-    right-padded suffixes (positive and negative rows, ``batch_size`` rows) finishes the
-    reads. For CAA-style A/B pairs this halves the compute.
-
-    Yields:
-        Item indices and reads ``[n, len(layers), d]``, as :func:`read_activations`.
-    """
-    if batch_size < 1:
-        raise SteerlabError(f"batch size must be at least 1, got {batch_size}")
-    from transformers import DynamicCache
-
-    from steerlab.generation import cache_kwarg
-
-    n_pairs = len(items) // 2
-    prefix = []
-    for i in range(n_pairs):
-        pos, neg = items[2 * i], items[2 * i + 1]
-        shared = 0
-        for a, b in zip(pos.ids, neg.ids, strict=False):
-            if a != b:
-                break
-            shared += 1
-        prefix.append(max(min(shared, len(pos.ids) - 1, len(neg.ids) - 1), 1))
-    order = sorted(range(n_pairs), key=lambda i: -prefix[i])
-    device = embedding_weight(model).device
-    base = layer_map.base
-    key = cache_kwarg(base)
-    use_positions = _accepts(base, "position_ids")
-    per_batch = max(1, batch_size // 2)
-    with _Reader(layer_map, layers) as reader:
-        for begin in range(0, n_pairs, per_batch):
-            chunk = order[begin : begin + per_batch]
-            heads = [items[2 * i].ids[: prefix[i]] for i in chunk]
-            ids, mask = pad_batch(heads, pad_id, side=padding_side)
-            width = ids.shape[1]
-            w_head = torch.zeros(2 * len(chunk), width)  # [2n, prefix] read weights per item
-            for row, i in enumerate(chunk):
-                offset = width - prefix[i] if padding_side == "left" else 0
-                for k, it in enumerate((items[2 * i], items[2 * i + 1])):
-                    lo, hi = it.start, min(it.end, prefix[i])
-                    if lo < hi:
-                        w_head[2 * row + k, offset + lo : offset + hi] = 1.0 / (it.end - it.start)
-            cache = DynamicCache()
-            kwargs: dict[str, Any] = {
-                "input_ids": ids.to(device),
-                "attention_mask": mask.to(device),
-                "use_cache": True,
-                key: cache,
-            }
-            if use_positions:
-                kwargs["position_ids"] = position_ids(mask).to(device)
-            # One prefix row serves two items: its positive and its negative.
-            head_reads = reader.run(kwargs, w_head, repeat=2)  # [2n, L, d]
-            tails = [items[2 * i + k].ids[prefix[i] :] for i in chunk for k in (0, 1)]
-            tail_ids, tail_mask = pad_batch(tails, pad_id, side="right")
-            full_mask = torch.cat(
-                [mask.repeat_interleave(2, dim=0), tail_mask], dim=1
-            )  # [2n, prefix + tail]
-            w_tail = torch.zeros(2 * len(chunk), tail_ids.shape[1])
-            for row, i in enumerate(chunk):
-                for k, it in enumerate((items[2 * i], items[2 * i + 1])):
-                    lo, hi = max(it.start, prefix[i]) - prefix[i], it.end - prefix[i]
-                    if lo < hi:
-                        w_tail[2 * row + k, lo:hi] = 1.0 / (it.end - it.start)
-            cache.batch_repeat_interleave(2)
-            kwargs = {
-                "input_ids": tail_ids.to(device),
-                "attention_mask": full_mask.to(device),
-                "use_cache": True,
-                key: cache,
-            }
-            if use_positions:
-                kwargs["position_ids"] = position_ids(full_mask, past=width).to(device)
-            reads = reader.run(kwargs, w_tail)  # [2n, L, d]
-            yield [2 * i + k for i in chunk for k in (0, 1)], reads + head_reads
 
 
 def _progress(total: int, enabled: bool, label: str) -> Any:
@@ -420,19 +204,13 @@ def extract(
     norms = {layer: float(norm_sum[j] / len(items)) for j, layer in enumerate(layer_list)}
     return SteeringVector(
         directions=directions,
-        model=identity_of(lm),
+        model=lm.identity,
         method=method,
         read_position=read,
         residual_norms=norms,
         dataset=dataset.info,
         notes={"pairs": len(dataset), "chat": chat, "system": system, "batch_size": batch_size},
     )
-
-
-def identity_of(lm: LoadedModel) -> ModelIdentity:
-    """The :class:`ModelIdentity` of a loaded model."""
-    i = lm.info
-    return ModelIdentity(i.name, i.architecture, i.hidden_size, i.num_layers, i.fingerprint)
 
 
 @torch.no_grad()
@@ -460,7 +238,7 @@ def extract_actadd(lm: LoadedModel, dataset: Dataset, layers: list[int]) -> Stee
         b = b + [neutral] * (k - len(b))
         items += [Item(a, 0, 1, True), Item(b, 0, 1, False)]
     # Read every position: one forward per sequence is enough for a handful of pairs.
-    device = embedding_weight(lm.model).device
+    device = lm.device
     diffs = {layer: torch.zeros(k, lm.info.hidden_size, dtype=torch.float64) for layer in layers}
     norms = dict.fromkeys(layers, 0.0)
     captured: dict[int, torch.Tensor] = {}
@@ -489,7 +267,7 @@ def extract_actadd(lm: LoadedModel, dataset: Dataset, layers: list[int]) -> Stee
     n = len(seqs)
     return SteeringVector(
         directions={layer: (diffs[layer] / n).float() for layer in layers},
-        model=identity_of(lm),
+        model=lm.identity,
         method="actadd",
         read_position="all",
         residual_norms={layer: norms[layer] / n for layer in layers},

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from steerlab.dataset import load_dataset
-from steerlab.generation import Sampling, generate_multipliers
-from steerlab.judges import sentiment
-from steerlab.model import DEFAULT_MODEL, LoadedModel
-from steerlab.steering import Steering
-from steerlab.sweep import DEFAULT_PROMPTS, SweepConfig, compare_policies, run_sweep
-from steerlab.vector import SteeringVector
+from steerlab.core.dataset import load_dataset
+from steerlab.core.sampling import Sampling
+from steerlab.core.steering import Steering
+from steerlab.evaluation.judges import sentiment
+from steerlab.evaluation.sweep import DEFAULT_PROMPTS, SweepConfig, compare_policies, run_sweep
+from steerlab.formats import load_vector
+from steerlab.hf.decoding import generate_multipliers
+from steerlab.hf.model import DEFAULT_MODEL, LoadedModel
 
 SHOWCASE_PROMPTS = (
     "Tell me about your day.",
@@ -72,7 +73,7 @@ def run_demo(
     best = sweep["recommendation"]
     layer = int(best["layer"]) if best else layers[len(layers) // 2]
     multiplier = abs(float(best["multiplier"])) if best else 4.0
-    vector = SteeringVector.load(out_dir / "sweep" / "vector.safetensors")
+    vector = load_vector(out_dir / "sweep" / "vector.safetensors")
     steering = [Steering(vector, 1.0, (layer,))]
     sampling = Sampling(max_new_tokens=max_new_tokens + 16)
     side = [

@@ -1,31 +1,28 @@
-"""The steering vector: an immutable, self-describing value with safe file formats."""
+"""The steering vector: an immutable, self-describing value.
+
+Its metadata schema lives here (:meth:`SteeringVector.metadata`, :func:`from_metadata`);
+the files that carry it are :mod:`steerlab.formats`.
+"""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
-from steerlab.errors import SteerlabError
+from steerlab._version import __version__
+from steerlab.core.errors import SteerlabError
 
 FORMAT_VERSION = 1
 LAYER_CONVENTION = "block-output"  # layer l = output of decoder block l = hidden_states[l + 1]
-_META_KEY = "steerlab"
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
 def _version() -> str:
-    from steerlab import __version__
-
     return __version__
 
 
@@ -217,10 +214,6 @@ class SteeringVector:
         tiles = {k: v.unsqueeze(0).repeat(rows, 1) for k, v in self.directions.items()}
         return replace(self, directions=tiles, method=f"{self.method} x{rows} rows")
 
-    def to_tensor(self, layer: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-        """The direction for ``layer`` on ``device`` in ``dtype`` (a copy)."""
-        return self.directions[layer].to(device=device, dtype=dtype)
-
     # ----- compatibility ------------------------------------------------------------------
     def check_model(self, model: ModelIdentity, allow_mismatch: bool = False) -> list[str]:
         """Check that this vector fits ``model``.
@@ -275,45 +268,6 @@ class SteeringVector:
             "shape": list(next(iter(self.directions.values())).shape),
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write the vector as safetensors with a JSON metadata header, atomically."""
-        from safetensors.torch import save_file
-
-        target = Path(path)
-        tensors = {f"layer.{k}": v.contiguous() for k, v in self.directions.items()}
-        header = {_META_KEY: json.dumps(self.metadata(), sort_keys=True)}
-        _atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=header))
-        return target
-
-    @classmethod
-    def load(cls, path: str | Path) -> SteeringVector:
-        """Read a vector file (safetensors, or a llama.cpp control-vector GGUF).
-
-        Never unpickles: ``.pt``/pickle files are refused.
-
-        Raises:
-            SteerlabError: a missing, pickled, foreign or corrupt file.
-        """
-        source = Path(path)
-        if not source.is_file():
-            raise SteerlabError(f"vector file '{path}' does not exist: check the path")
-        with source.open("rb") as handle:
-            magic = handle.read(8)
-        if source.suffix.lower() in _PICKLE_SUFFIXES or magic[:2] in (
-            b"\x80\x02",
-            b"\x80\x04",
-            b"PK",
-        ):
-            raise SteerlabError(
-                f"'{path}' is a pickle/torch file, which steerlab never loads (it can run code): "
-                "convert it to safetensors with the tool that made it"
-            )
-        if magic[:4] == b"GGUF":
-            from steerlab.llamacpp import import_gguf
-
-            return import_gguf(source)
-        return _load_safetensors(source)
-
 
 def _span(layers: list[int]) -> str:
     if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
@@ -321,62 +275,38 @@ def _span(layers: list[int]) -> str:
     return ",".join(str(x) for x in layers)
 
 
-def _atomic_write(target: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``target``; never leave half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def from_metadata(
     directions: Mapping[int, torch.Tensor], meta: Mapping[str, Any]
 ) -> SteeringVector:
-    """A vector from its tensors and the metadata written by :meth:`SteeringVector.metadata`."""
-    dataset = meta.get("dataset")
-    return SteeringVector(
-        directions=directions,
-        model=ModelIdentity(**meta["model"]),
-        method=meta["method"],
-        read_position=meta["read_position"],
-        residual_norms={int(k): float(v) for k, v in meta["residual_norms"].items()},
-        dataset=None if dataset is None else DatasetInfo(**dataset),
-        layer_convention=meta.get("layer_convention", LAYER_CONVENTION),
-        steerlab_version=meta["steerlab_version"],
-        created=meta["created"],
-        notes=meta.get("notes", {}),
-    )
+    """A vector from its tensors and the metadata written by :meth:`SteeringVector.metadata`.
 
-
-def _load_safetensors(source: Path) -> SteeringVector:
-    from safetensors import safe_open
-
+    Raises:
+        SteerlabError: metadata with missing keys or values of the wrong type.
+    """
     try:
-        with safe_open(str(source), framework="pt") as handle:
-            header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except Exception as exc:
-        raise SteerlabError(
-            f"'{source}' is not a readable safetensors file ({type(exc).__name__}): "
-            "pass a vector written by `steerlab extract` or a llama.cpp .gguf control vector"
-        ) from None
-    if _META_KEY not in header:
-        raise SteerlabError(
-            f"'{source}' has no steerlab metadata: it is not a steerlab vector "
-            "(import llama.cpp/repeng files with `steerlab vector import-gguf`)"
+        if not isinstance(meta, Mapping):
+            raise TypeError("the metadata is not a JSON object")
+        dataset = meta.get("dataset")
+        norms = meta.get("residual_norms") or {}
+        notes = meta.get("notes") or {}
+        if not isinstance(norms, Mapping) or not isinstance(notes, Mapping):
+            raise TypeError("residual_norms and notes must be objects")
+        return SteeringVector(
+            directions=directions,
+            model=ModelIdentity(**meta["model"]),
+            method=str(meta["method"]),
+            read_position=str(meta["read_position"]),
+            residual_norms={int(k): float(v) for k, v in norms.items()},
+            dataset=None if dataset is None else DatasetInfo(**dataset),
+            layer_convention=str(meta.get("layer_convention", LAYER_CONVENTION)),
+            steerlab_version=str(meta["steerlab_version"]),
+            created=str(meta["created"]),
+            notes=notes,
         )
-    try:
-        directions = {int(k.split(".", 1)[1]): v for k, v in tensors.items()}
-        return from_metadata(directions, json.loads(header[_META_KEY]))
-    except SteerlabError as exc:
-        raise SteerlabError(f"'{source}' holds an invalid vector: {exc}") from None
-    except (KeyError, TypeError, ValueError) as exc:
+    except SteerlabError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
         raise SteerlabError(
-            f"'{source}' has broken steerlab metadata ({exc}): re-extract the vector"
+            f"broken steerlab metadata ({what[:120]}): re-extract or re-export the vector"
         ) from None

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from steerlab.errors import SteerlabError
-from steerlab.vector import DatasetInfo
+from steerlab.core.errors import SteerlabError
+from steerlab.core.vector import DatasetInfo
 
 Format = Literal["ab", "yesno", "pairs", "unpaired", "actadd"]
 FORMATS: tuple[str, ...] = get_args(Format)

@@ -1,0 +1,89 @@
+"""What every ``steerlab`` command shares: the Typer apps, common options, loading, output."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from steerlab.core.errors import SteerlabError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Activation steering: extract vectors, steer generation with exact position policies, evaluate, serve.",
+)
+vector_app = typer.Typer(no_args_is_help=True, help="Inspect, convert and edit vector files.")
+app.add_typer(vector_app, name="vector")
+out = Console()
+err = Console(stderr=True)
+
+ModelOpt = typer.Option(
+    "smollm2-135m", "--model", "-m", help="Alias, .gguf file, model directory or HF id."
+)
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto (device_map=auto).")
+DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto.")
+LayersPathOpt = typer.Option(
+    None, "--layers-path", help="Dotted path of the decoder blocks, e.g. model.layers."
+)
+
+
+def load(model: str, device: str | None, dtype: str | None, layers_path: str | None = None) -> Any:
+    from steerlab.hf.model import load_model
+
+    with err.status(f"loading {model}"):
+        return load_model(model, device=device, dtype=dtype, layers_path=layers_path)
+
+
+def steerings_of(
+    vector: Path, layers: str | None, policy: str, scale: str, lm: Any, allow_mismatch: bool
+) -> list[Any]:
+    """The steering a command's --vector/--layer/--policy/--scale options name (multiplier 1)."""
+    from steerlab.core.steering import Steering
+    from steerlab.formats import load_vector
+    from steerlab.hf.layers import resolve_layers
+
+    vec = load_vector(vector)
+    for warning in vec.check_model(lm.identity, allow_mismatch):
+        warn(warning)
+    chosen = None if layers is None else tuple(resolve_layers(layers, lm.info.num_layers))
+    return [Steering(vec, 1.0, chosen, policy, scale)]  # type: ignore[arg-type]
+
+
+def judge_of(
+    judge: str, keywords: str | None, judge_url: str | None, judge_model: str, behaviour: str
+) -> Any:
+    from steerlab.evaluation import judges
+
+    if keywords:
+        return judges.keywords(keywords.split(","))
+    if judge == "sentiment":
+        return judges.sentiment()
+    if judge == "llm":
+        if not judge_url:
+            raise SteerlabError("--judge llm needs --judge-url, e.g. http://127.0.0.1:8000/v1")
+        return judges.llm(judge_url, judge_model, behaviour)
+    raise SteerlabError(f"unknown judge '{judge}': use sentiment, llm, or --keywords word1,word2")
+
+
+def print_rows(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
+    table = Table(*columns, title=title)
+    for r in rows:
+        table.add_row(
+            *[f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
+        )
+    out.print(table)
+
+
+def fail(message: str) -> None:
+    """Print ``error: message`` unwrapped (no markup, no traceback) and exit 2."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
+def warn(message: str) -> None:
+    sys.stderr.write(f"warning: {message}\n")

@@ -1,0 +1,217 @@
+"""Commands that measure: sweep, compare-policies and the demo."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from steerlab.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    app,
+    err,
+    judge_of,
+    load,
+    out,
+    print_rows,
+    steerings_of,
+)
+from steerlab.core.errors import SteerlabError
+
+
+@app.command()
+def sweep(
+    dataset: Path = typer.Argument(..., help="A/B, Yes/No, pairs or unpaired dataset."),
+    model: str = ModelOpt,
+    layers: str = typer.Option("6,9,12", "--layers", "-l", help="Layers to sweep: 6-18, 3,5 ..."),
+    multipliers: str = typer.Option(
+        "-8,-4,0,4,8", "--multipliers", help="Comma-separated multipliers."
+    ),
+    policy: str = typer.Option("after-prompt", "--policy", "-p"),
+    method: str = typer.Option("mean-diff", "--method"),
+    scale: str = typer.Option("absolute", "--scale", help="absolute or relative."),
+    test_fraction: float = typer.Option(0.3, "--test-fraction"),
+    seed: int = typer.Option(0, "--seed"),
+    judge: str = typer.Option(
+        "sentiment", "--judge", help="sentiment or llm (free-text datasets)."
+    ),
+    keywords: str | None = typer.Option(
+        None, "--keywords", help="Keyword judge: comma-separated words."
+    ),
+    judge_url: str | None = typer.Option(
+        None, "--judge-url", help="OpenAI-compatible base URL for --judge llm."
+    ),
+    judge_model: str = typer.Option("judge", "--judge-model"),
+    behaviour: str = typer.Option(
+        "the target behaviour", "--behaviour", help="What the LLM judge rates."
+    ),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
+    perplexity_bound: float = typer.Option(
+        2.0, "--perplexity-bound", help="Recommendation keeps fluency <= this x unsteered."
+    ),
+    max_test_items: int = typer.Option(200, "--max-test-items", help="A/B items scored per cell."),
+    out_dir: Path = typer.Option(
+        Path("steerlab-out/sweep"), "--out", "-o", help="Output directory (resumable)."
+    ),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard earlier results in --out."),
+    device: str | None = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+) -> None:
+    """Sweep layers x multipliers: results table, plots and a report with a recommendation."""
+    from steerlab.core.dataset import load_dataset
+    from steerlab.evaluation.sweep import SweepConfig, parse_floats, run_sweep
+    from steerlab.hf.layers import resolve_layers
+
+    data = load_dataset(dataset)
+    lm = load(model, device, dtype)
+    config = SweepConfig(
+        layers=tuple(resolve_layers(layers, lm.info.num_layers)),
+        multipliers=parse_floats(multipliers),
+        policy=policy,
+        method=method,
+        test_fraction=test_fraction,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        perplexity_bound=perplexity_bound,
+        scale=scale,
+        max_test_items=max_test_items,
+    )
+    scorer = (
+        None
+        if data.format in ("ab", "yesno")
+        else judge_of(judge, keywords, judge_url, judge_model, behaviour)
+    )
+    label = (
+        "p(matching answer)"
+        if data.format in ("ab", "yesno")
+        else ("keyword rate" if keywords else judge)
+    )
+    result = run_sweep(
+        lm,
+        data,
+        config,
+        out_dir,
+        judge=scorer,
+        behaviour_label=label,
+        fresh=fresh,
+        on_row=lambda r: err.print(
+            f"layer {r['layer']:>3} x{r['multiplier']:<6g} behaviour {r['behaviour']:.3f} fluency {r['fluency']:.2f}"
+        ),
+        progress=sys.stderr.isatty(),
+    )
+    print_rows(
+        result["rows"], ["layer", "multiplier", "behaviour", "fluency", "kl", "distinct2"], "sweep"
+    )
+    best = result["recommendation"]
+    if best:
+        out.print(
+            f"recommended: layer {best['layer']}, multiplier {best['multiplier']:g} (shift {best['shift']:+.3f})"
+        )
+    out.print(f"wrote {out_dir}/report.md, results.csv, results.json and plots")
+
+
+@app.command("compare-policies")
+def compare_policies_cmd(
+    vector: Path = typer.Option(..., "--vector", "-v", help="A vector file."),
+    layer: int = typer.Option(..., "--layer", "-l"),
+    multiplier: float = typer.Option(4.0, "--multiplier", "-x"),
+    model: str = ModelOpt,
+    prompts: Path | None = typer.Option(
+        None, "--prompts", help="Text file, one prompt per line (default: built-in)."
+    ),
+    judge: str = typer.Option("sentiment", "--judge"),
+    keywords: str | None = typer.Option(None, "--keywords"),
+    judge_url: str | None = typer.Option(None, "--judge-url"),
+    judge_model: str = typer.Option("judge", "--judge-model"),
+    behaviour: str = typer.Option("the target behaviour", "--behaviour"),
+    ab_dataset: Path | None = typer.Option(
+        None, "--ab-dataset", help="Also score A/B behaviour probability on this set."
+    ),
+    actadd_rows: int = typer.Option(4, "--actadd-rows", help="Front positions steered by actadd."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
+    out_dir: Path = typer.Option(Path("steerlab-out/policies"), "--out", "-o"),
+    allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch"),
+    device: str | None = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+) -> None:
+    """One vector, layer and multiplier under after-prompt, transient, all, prompt and actadd."""
+    from steerlab.core.dataset import load_dataset
+    from steerlab.evaluation.sweep import DEFAULT_PROMPTS, compare_policies
+
+    lm = load(model, device, dtype)
+    steerings = steerings_of(
+        vector, str(layer), "after-prompt", "absolute", lm, allow_model_mismatch
+    )
+    texts = list(DEFAULT_PROMPTS)
+    if prompts is not None:
+        texts = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+        if not texts:
+            raise SteerlabError(f"'{prompts}' has no prompts: write one per line")
+    ab = load_dataset(ab_dataset) if ab_dataset else None
+    rows = compare_policies(
+        lm,
+        steerings[0].vector,
+        layer,
+        multiplier,
+        texts,
+        judge_of(judge, keywords, judge_url, judge_model, behaviour),
+        out_dir,
+        actadd_rows=actadd_rows,
+        max_new_tokens=max_new_tokens,
+        ab_dataset=ab,
+    )
+    cols = ["policy", "behaviour", "kl", "perplexity", "distinct2"] + (["ab_score"] if ab else [])
+    print_rows(rows, cols, f"layer {layer}, multiplier {multiplier:g}")
+    out.print(f"wrote {out_dir}/policies.md, policies.csv, policies.json, policies.png")
+
+
+@app.command()
+def demo(
+    model: str = ModelOpt,
+    out_dir: Path = typer.Option(Path("steerlab-out/demo"), "--out", "-o"),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard earlier results in --out."),
+    device: str | None = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+) -> None:
+    """The main job: sentiment vector, sweep, side-by-side completions, policy comparison, report."""
+    from steerlab.evaluation.demo import run_demo
+
+    lm = load(model, device, dtype)
+    out.rule(f"steerlab demo on {lm.info.name}")
+    err.print(
+        "sweeping layers x multipliers (VADER sentiment of completions; fluency = perplexity under the unsteered model)"
+    )
+    result = run_demo(
+        lm,
+        out_dir,
+        fresh=fresh,
+        on_row=lambda r: err.print(
+            f"  layer {r['layer']:>3} x{r['multiplier']:<5g} sentiment {r['behaviour']:+.3f}  perplexity {r['fluency']:.2f}"
+        ),
+    )
+    print_rows(
+        result.sweep["rows"],
+        ["layer", "multiplier", "behaviour", "fluency", "kl", "distinct2"],
+        "sweep (behaviour = VADER sentiment)",
+    )
+    out.print(
+        f"\nsteering layer {result.layer} with multiplier +/-{result.multiplier:g}, policy after-prompt\n"
+    )
+    for prompt, outs in result.side_by_side:
+        table = Table(
+            *["unsteered" if m == 0 else ("positive" if m > 0 else "negative") for m, _ in outs],
+            title=prompt,
+            show_lines=True,
+        )
+        table.add_row(*[t.strip() for _, t in outs])
+        out.print(table)
+    print_rows(
+        result.policies,
+        ["policy", "behaviour", "kl", "perplexity", "distinct2"],
+        "policy comparison (same vector, layer, multiplier)",
+    )
+    out.print(f"report: {result.report}")

@@ -1,0 +1,122 @@
+"""Commands that steer: generate and serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from steerlab.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    app,
+    err,
+    load,
+    out,
+    steerings_of,
+)
+from steerlab.core.policy import POLICY_HELP, Policy, check_marker
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The user prompt."),
+    vector: Path = typer.Option(..., "--vector", "-v", help="A .safetensors or .gguf vector."),
+    model: str = ModelOpt,
+    layer: str | None = typer.Option(
+        None, "--layer", "-l", help="Layers to steer (default: all of the vector's)."
+    ),
+    multiplier: list[float] = typer.Option(
+        [4.0], "--multiplier", "-x", help="Repeat for several values."
+    ),
+    policy: str = typer.Option(
+        "after-prompt",
+        "--policy",
+        "-p",
+        help=POLICY_HELP + ".",
+    ),
+    scale: str = typer.Option(
+        "absolute", "--scale", help="absolute, or relative to the stored residual norm."
+    ),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Render through the chat template."),
+    system: str | None = typer.Option(None, "--system", help="System prompt."),
+    allow_model_mismatch: bool = typer.Option(
+        False,
+        "--allow-model-mismatch",
+        help="Apply a vector made on another model of the same shape.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    device: str | None = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+) -> None:
+    """Print the unsteered and steered completions of a prompt side by side."""
+    from steerlab.core.prompts import render
+    from steerlab.core.sampling import Sampling
+    from steerlab.hf.decoding import generate_multipliers
+
+    Policy.parse(policy)  # a bad policy fails before the model loads
+
+    sampling = Sampling(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
+    lm = load(model, device, dtype)
+    steerings = steerings_of(vector, layer, policy, scale, lm, allow_model_mismatch)
+    text = render(lm.tokenizer, prompt, system=system, chat=chat).text
+    check_marker(steerings[0].policy, text)
+    results = generate_multipliers(
+        lm, prompt, steerings, multiplier, sampling, chat=chat, system=system
+    )
+    if as_json:
+        payload = {
+            "prompt": prompt,
+            "policy": str(steerings[0].policy),
+            "layers": list(steerings[0].layers or ()),
+            "scale": scale,
+            "completions": [{"multiplier": m, "text": t} for m, t in results],
+        }
+        out.print_json(json.dumps(payload))
+        return
+    titles = ["unsteered" if m == 0 else f"steered x{m:g}" for m, _ in results]
+    if out.width >= 40 * len(results):
+        table = Table(*titles, show_lines=True)
+        table.add_row(*[t for _, t in results])
+        out.print(table)
+    else:
+        for title, (_, text) in zip(titles, results, strict=True):
+            out.rule(title)
+            out.print(text)
+
+
+@app.command()
+def serve(
+    vectors: Path = typer.Option(
+        ..., "--vectors", help="Directory of .safetensors/.gguf vectors (name = file stem)."
+    ),
+    model: str = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
+    port: int = typer.Option(8000, "--port"),
+    max_tokens: int = typer.Option(
+        512, "--max-tokens", help="Largest max_tokens a request may ask for."
+    ),
+    max_batch: int = typer.Option(8, "--max-batch", help="Rows per batch."),
+    allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch"),
+    device: str | None = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+) -> None:
+    """Serve an OpenAI-compatible API with per-request steering, and a playground at /."""
+    from steerlab.serving.app import Limits, load_vectors
+    from steerlab.serving.app import serve as run
+
+    lm = load(model, device, dtype)
+    registry = load_vectors(vectors, lm, allow_model_mismatch)
+    err.print(
+        f"{len(registry)} vectors: {', '.join(sorted(registry)) or 'none'}; playground at http://{host}:{port}/"
+    )
+    run(lm, registry, host, port, Limits(max_tokens=max_tokens, max_batch=max_batch))

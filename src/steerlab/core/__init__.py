@@ -1,0 +1,1 @@
+"""Engine-independent core: vectors, policies, the steering math, datasets, prompts."""

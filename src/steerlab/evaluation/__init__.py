@@ -1,0 +1,1 @@
+"""Evaluation: behaviour metrics, judges, sweeps, policy comparison, plots and the demo."""

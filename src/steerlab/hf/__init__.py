@@ -1,0 +1,1 @@
+"""The Hugging Face engine: loading, layers, steering hooks, decoding, extraction, reference."""

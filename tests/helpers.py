@@ -1,0 +1,59 @@
+"""Helpers shared by the tests (a plain module: tests import it, conftest holds fixtures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from steerlab.core.vector import SteeringVector
+from steerlab.hf.model import LoadedModel
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def random_vector(
+    lm: LoadedModel, layers: list[int], seed: int = 1, rows: int | None = None, scale: float = 1.0
+) -> SteeringVector:
+    gen = torch.Generator().manual_seed(seed)
+    d = lm.info.hidden_size
+    shape = (d,) if rows is None else (rows, d)
+    dirs = {layer: torch.randn(shape, generator=gen) * scale for layer in layers}
+    norms = {layer: 2.0 for layer in layers}
+    return SteeringVector(
+        directions=dirs,
+        model=lm.identity,
+        method="random",
+        read_position="all" if rows else "answer",
+        residual_norms=norms,
+    )
+
+
+def start_server(app):
+    """Run an ASGI app with uvicorn on a free loopback port; returns (base_url, stop)."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(base + "/v1/models", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return base, stop
