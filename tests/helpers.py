@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from steerlab.core.policy import Policy
+from steerlab.core.steering import Steering
 from steerlab.core.vector import SteeringVector
 from steerlab.hf.model import LoadedModel
 
@@ -57,3 +59,23 @@ def start_server(app):
         thread.join(timeout=10)
 
     return base, stop
+
+
+# ----- steering contract helpers (tests of hooks and decoding) -------------------------------
+EQUIV_ARCHS = ["llama", "gpt2", "gpt_neox", "qwen2", "gemma2", "opt", "phi3", "mistral"]
+# Every persisting policy kind, windows both closed and open.
+PERSISTING = ["all", "after-prompt", "from-marker:h", "prompt", "actadd", "window:2-5", "window:1-"]
+ALL_POLICIES = [*PERSISTING, "transient"]
+PROMPTS = ["hello there", "a much longer prompt here, with more", "hi"]
+STEPS = 16
+
+
+def make_steering(lm: LoadedModel, policy: str, multiplier: float = 4.0) -> Steering:
+    """A random steering at layers 1 and 2 (a 3-row vector at layer 1 for actadd)."""
+    if policy == "actadd":
+        return Steering(random_vector(lm, [1], rows=3), multiplier, policy=Policy.parse(policy))
+    return Steering(random_vector(lm, [1, 2]), multiplier, policy=Policy.parse(policy))
+
+
+def prompt_ids(lm: LoadedModel, prompts: list[str] = PROMPTS) -> list[list[int]]:
+    return [lm.tokenizer(p)["input_ids"] for p in prompts]
