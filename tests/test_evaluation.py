@@ -19,7 +19,8 @@ from steerlab.evaluation.metrics import (
     judged_generation,
     text_perplexity,
 )
-from steerlab.evaluation.sweep import SweepConfig, compare_policies, recommend, run_sweep, split
+from steerlab.evaluation.policies import compare_policies
+from steerlab.evaluation.sweep import SweepConfig, recommend, run_sweep, split
 
 
 @pytest.fixture(scope="module")

@@ -140,7 +140,8 @@ def compare_policies_cmd(
 ) -> None:
     """One vector, layer and multiplier under after-prompt, transient, all, prompt and actadd."""
     from steerlab.core.dataset import load_dataset
-    from steerlab.evaluation.sweep import DEFAULT_PROMPTS, compare_policies
+    from steerlab.evaluation.policies import compare_policies
+    from steerlab.evaluation.sweep import DEFAULT_PROMPTS
 
     lm = load(model, device, dtype)
     steerings = steerings_of(

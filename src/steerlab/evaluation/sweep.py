@@ -16,7 +16,6 @@ from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import Policy
 from steerlab.core.sampling import Sampling
 from steerlab.core.steering import Steering
-from steerlab.core.vector import SteeringVector
 from steerlab.evaluation.judges import Judge
 from steerlab.evaluation.metrics import behaviour_probability, judged_generation, text_perplexity
 from steerlab.formats import load_vector, save_vector
@@ -31,7 +30,6 @@ DEFAULT_PROMPTS = (
     "How was the movie you saw?",
     "What is your opinion of Mondays?",
 )
-COMPARED_POLICIES = ("after-prompt", "transient", "all", "prompt", "actadd")
 
 
 def split(dataset: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -155,7 +153,7 @@ class Results:
         self.done.add(self.key(row))
 
 
-def _write_table(rows: Sequence[dict[str, Any]], out_dir: Path, stem: str) -> None:
+def write_table(rows: Sequence[dict[str, Any]], out_dir: Path, stem: str) -> None:
     if not rows:
         return
     keys = [k for k in rows[0] if k != "texts"]
@@ -290,7 +288,7 @@ def run_sweep(
         ),
         key=lambda r: (r["layer"], r["multiplier"]),
     )
-    _write_table(rows, out_dir, "results")
+    write_table(rows, out_dir, "results")
     from steerlab.evaluation.plots import sweep_plots
 
     plots = sweep_plots(rows, out_dir, behaviour_label)
@@ -370,70 +368,3 @@ def write_sweep_report(
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
-
-
-def compare_policies(
-    lm: LoadedModel,
-    vector: SteeringVector,
-    layer: int,
-    multiplier: float,
-    prompts: Sequence[str],
-    judge: Judge,
-    out_dir: Path,
-    *,
-    policies: Sequence[str] = COMPARED_POLICIES,
-    actadd_rows: int = 4,
-    max_new_tokens: int = 32,
-    behaviour_label: str = "behaviour",
-    ab_dataset: Dataset | None = None,
-) -> list[dict[str, Any]]:
-    """The same vector, layer and multiplier under each policy, against the unsteered model.
-
-    ``actadd`` adds the vector at the first ``actadd_rows`` prompt positions. Writes
-    ``policies.csv``/``.json``, ``policies.png`` and ``policies.md`` into ``out_dir``.
-
-    Returns:
-        One row per policy (plus ``unsteered``): behaviour, KL, perplexity, distinct-2, an
-        example completion, and the A/B score when ``ab_dataset`` is given.
-    """
-    if layer not in vector.directions:
-        raise SteerlabError(
-            f"the vector has no layer {layer}: it has layers {','.join(map(str, vector.layers))}"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    single = vector.select([layer])
-    sampling = Sampling(max_new_tokens=max_new_tokens)
-    rows: list[dict[str, Any]] = []
-    for name in ["unsteered", *policies]:
-        if name == "unsteered":
-            steering: list[Steering] = []
-        elif name == "actadd":
-            steering = [Steering(single.tiled(actadd_rows), multiplier, (layer,), Policy("actadd"))]
-        else:
-            steering = [Steering(single, multiplier, (layer,), Policy.parse(name))]
-        g = judged_generation(lm, prompts, steering, judge, sampling)
-        row: dict[str, Any] = {
-            "policy": name,
-            "behaviour": g.behaviour,
-            "kl": g.kl,
-            "perplexity": g.perplexity,
-            "distinct2": g.distinct2,
-            "neutral_perplexity": g.neutral_perplexity,
-            "example": g.texts[0],
-        }
-        if ab_dataset is not None:
-            row["ab_score"] = behaviour_probability(lm, ab_dataset, steering).mean
-        rows.append(row)
-    _write_table(rows, out_dir, "policies")
-    from steerlab.evaluation.plots import policy_plots
-
-    policy_plots(rows, out_dir, behaviour_label)
-    cols = ["policy", "behaviour", "kl", "perplexity", "distinct2"] + (
-        ["ab_score"] if ab_dataset else []
-    )
-    (out_dir / "policies.md").write_text(
-        f"# Policy comparison: layer {layer}, multiplier {multiplier:g}\n\n"
-        + markdown_table(rows, cols)
-        + "\n![policies](policies.png)\n"
-    )
-    return rows
