@@ -47,7 +47,9 @@ def test_models_and_vectors(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     data = httpx.get(server + "/v1/vectors").json()["data"]
     assert [v["id"] for v in data] == ["formal", "happy", "sad"]
-    assert data[1]["layers"] == [1, 2] and data[1]["metadata"]["model"]["architecture"] == "llama"
+    assert data[1]["layers"] == [1, 2] and data[1]["model"]["architecture"] == "llama"
+    # names, layers, norms and method, but no local paths or notes without --expose-metadata
+    assert "metadata" not in data[1] and "dataset" not in json.dumps(data)
 
 
 def test_chat_completion_with_openai_client_steered_and_not(client):

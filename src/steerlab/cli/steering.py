@@ -17,7 +17,9 @@ from steerlab.cli.common import (
     load,
     out,
     steerings_of,
+    warn,
 )
+from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import POLICY_HELP, Policy, check_marker
 
 
@@ -102,21 +104,70 @@ def serve(
     model: str = ModelOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
     port: int = typer.Option(8000, "--port"),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="STEERLAB_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on /v1 (env STEERLAB_API_KEY).",
+    ),
+    allow_host: list[str] = typer.Option(
+        [],
+        "--allow-host",
+        help="Accept this Host header name too (repeat; '*' for any). Loopback names always.",
+    ),
+    expose_metadata: bool = typer.Option(
+        False, "--expose-metadata", help="Show full vector metadata (dataset paths) in /v1/vectors."
+    ),
     max_tokens: int = typer.Option(
         512, "--max-tokens", help="Largest max_tokens a request may ask for."
     ),
     max_batch: int = typer.Option(8, "--max-batch", help="Rows per batch."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait (then 503)."),
+    max_body: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body."),
+    max_prompt_chars: int = typer.Option(
+        100_000, "--max-prompt-chars", help="Largest prompt, in characters."
+    ),
+    timeout: float = typer.Option(
+        300.0, "--request-timeout", help="Seconds a request may take, queueing included (504)."
+    ),
     allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch"),
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
 ) -> None:
     """Serve an OpenAI-compatible API with per-request steering, and a playground at /."""
-    from steerlab.serving.app import Limits, load_vectors
+    from steerlab.serving.app import Limits, Security, is_loopback, load_vectors
     from steerlab.serving.app import serve as run
 
+    limits = Limits(
+        max_tokens=max_tokens,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_body_bytes=max_body,
+        max_prompt_chars=max_prompt_chars,
+        request_timeout=timeout,
+    )
+    for name, value in (
+        ("--max-tokens", max_tokens),
+        ("--max-batch", max_batch),
+        ("--max-queue", max_queue),
+        ("--max-body-bytes", max_body),
+        ("--max-prompt-chars", max_prompt_chars),
+    ):
+        if value < 1:
+            raise SteerlabError(f"{name} must be at least 1, got {value}")
+    if not timeout > 0:
+        raise SteerlabError(f"--request-timeout must be positive, got {timeout}")
+    if not vectors.is_dir():
+        raise SteerlabError(f"vector directory '{vectors}' does not exist: pass --vectors DIR")
+    if not is_loopback(host) and not api_key:
+        warn(
+            f"binding to {host} without an API key: anyone who can reach this machine can use "
+            "the server; pass --api-key (or set STEERLAB_API_KEY)"
+        )
     lm = load(model, device, dtype)
-    registry = load_vectors(vectors, lm, allow_model_mismatch)
+    registry = load_vectors(vectors, lm, allow_model_mismatch, warn=warn)
     err.print(
         f"{len(registry)} vectors: {', '.join(sorted(registry)) or 'none'}; playground at http://{host}:{port}/"
     )
-    run(lm, registry, host, port, Limits(max_tokens=max_tokens, max_batch=max_batch))
+    security = Security(api_key=api_key or None, expose_metadata=expose_metadata)
+    run(lm, registry, host, port, limits, security, allow_host)

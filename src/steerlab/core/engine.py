@@ -17,7 +17,9 @@ from steerlab.core.sampling import Sampling
 from steerlab.core.steering import Steering
 from steerlab.core.vector import ModelIdentity
 
-OnStep = Callable[[torch.Tensor, torch.Tensor], "bool | None"]  # (tokens [b], done [b]) -> stop
+#: Called after every decoding step with the new tokens ``[batch]`` and the rows that are
+#: done ``[batch]``; returns True to stop, or per-row flags of rows to finish now.
+OnStep = Callable[[torch.Tensor, torch.Tensor], "bool | Sequence[bool] | torch.Tensor | None"]
 
 
 class Engine(Protocol):
@@ -31,6 +33,11 @@ class Engine(Protocol):
     @property
     def identity(self) -> ModelIdentity:
         """Which model this is, as vectors record it."""
+        ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The residual stream's dtype: a steering must stay finite in it."""
         ...
 
     @property

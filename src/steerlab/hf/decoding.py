@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from steerlab.core.decoded import Decoded
+from steerlab.core.engine import OnStep
 from steerlab.core.errors import SteerlabError
 from steerlab.core.prompts import encode_prompts
 from steerlab.core.sampling import Sampling
@@ -99,7 +100,7 @@ def decode(
     eos_token_id: int | Sequence[int] | None = None,
     return_logits: bool = False,
     track_unsteered: bool = False,
-    on_step: Callable[[torch.Tensor, torch.Tensor], bool | None] | None = None,
+    on_step: OnStep | None = None,
 ) -> Decoded:
     """Generate from a left-padded batch with steering.
 
@@ -115,8 +116,13 @@ def decode(
         return_logits: keep every step's steered logits.
         track_unsteered: also run the unsteered model on the same tokens, for per-step KL
             and the unsteered log-probability of each generated token.
-        on_step: called after every step with the new tokens ``[batch]`` and the rows that
-            are done ``[batch]``; returning True stops decoding (used for streaming).
+        on_step: called after every step with the new tokens ``[batch]`` (the fill token
+            for rows that are done) and the rows that are done ``[batch]``. Returning True
+            stops decoding; returning per-row flags ``[batch]`` finishes those rows (used
+            by the server for per-request lengths and cancellation).
+
+    Rows leave the batch as soon as they finish (EOS, or flagged by ``on_step``): they cost
+    no more compute, and no row runs past its own length.
     """
     sampling = sampling or Sampling()
     if input_ids.shape != attention_mask.shape:
@@ -142,15 +148,11 @@ def decode(
         allow_transient=True,
     )
     transient = steerer.plan.transient
-    out_tokens: list[torch.Tensor] = []
-    out_logits: list[torch.Tensor] = []
-    kls: list[torch.Tensor] = []
-    ref_logprobs: list[torch.Tensor] = []
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    finished_at = [sampling.max_new_tokens] * batch
-    fill = min(eos_set) if eos_set else 0
     persisting = steerer.plan.persisting
     body = steerer.layer_map.base  # the blocks without the LM head, for cache-only passes
+    rec = _Record(batch, min(eos_set) if eos_set else 0, return_logits, track_unsteered)
+    active = torch.arange(batch, device=device)  # the original row of each row still decoding
+    finished_at = [sampling.max_new_tokens] * batch
     with steerer:
         cache: Any = None
         shadow: Any = None
@@ -170,7 +172,7 @@ def decode(
                 # Pass 1: the newest position steered, for this step's logits only.
                 with steerer.logits_pass():
                     out = _forward(model, step_ids, mask, cache)
-                logits = out.logits[:, -1, :].float()  # [batch, vocab]
+                logits = out.logits[:, -1, :].float()  # [rows, vocab]
                 if cache is not None:  # a one-token prompt has nothing cached to keep
                     cache = _truncate(_cache_of(out), step_ids.shape[1], backup)
                 # Pass 2: the same token without transient steering; its keys/values persist.
@@ -191,39 +193,102 @@ def decode(
                     ref = _forward(model, step_ids if step or not transient else ids, mask, shadow)
                 shadow = _cache_of(ref)
                 plain_logits = ref.logits[:, -1, :].float()
-            token = _pick(logits, sampling, generator)
-            token = torch.where(done, torch.full_like(token, fill), token)
-            if return_logits:
-                out_logits.append(logits.cpu())
-            if track_unsteered and plain_logits is not None:
-                logp = torch.log_softmax(logits, -1)
-                logq = torch.log_softmax(plain_logits, -1)
-                kls.append((logp.exp() * (logp - logq)).sum(-1).cpu())
-                ref_logprobs.append(logq.gather(-1, token[:, None]).squeeze(-1).cpu())
-            out_tokens.append(token.cpu())
-            stop_now = False
+            token = _pick(logits, sampling, generator)  # [rows]
+            full = rec.step(active, token, logits, plain_logits)  # [batch], fill where done
+            finish = torch.zeros(len(active), dtype=torch.bool, device=device)
             if sampling.stop_at_eos and eos_set:
-                hit = torch.zeros_like(done)
                 for e in eos_set:
-                    hit |= token == e
-                for r in torch.nonzero(hit & ~done).flatten().tolist():
-                    finished_at[r] = step + 1
-                done |= hit
-                stop_now = bool(done.all())
-            if on_step is not None and on_step(token.cpu(), done.cpu()):
-                stop_now = True
-            if stop_now:
+                    finish |= token == e
+            stop_all = False
+            if on_step is not None:
+                wanted = on_step(full.cpu(), rec.done.cpu() | _scatter(active, finish, batch))
+                if wanted is True:
+                    stop_all = True
+                elif wanted is not None and wanted is not False:
+                    flags = torch.as_tensor(list(wanted), dtype=torch.bool, device=device)
+                    finish |= flags[active]
+            for r in active[finish].tolist():
+                finished_at[r] = step + 1
+            rec.done[active[finish].cpu()] = True
+            if stop_all or bool(finish.all()):
                 break
+            if bool(finish.any()):
+                # Finished rows leave the batch: they cost nothing more, and no row runs
+                # past the length it asked for (learned-position models have a hard limit).
+                keep = torch.nonzero(~finish).flatten()
+                active, token, mask = active[keep], token[keep], mask[keep]
+                cache = _select_rows(cache, keep)
+                shadow = _select_rows(shadow, keep)
+                steerer.select_rows(keep.tolist())
             step_ids = token[:, None]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    tokens = torch.stack(out_tokens, dim=1)  # [batch, n]
-    return Decoded(
-        tokens=tokens,
-        lengths=[min(f, tokens.shape[1]) for f in finished_at],
-        logits=torch.stack(out_logits, dim=1) if return_logits else None,
-        kl=torch.stack(kls, dim=1) if kls else None,
-        unsteered_logprobs=torch.stack(ref_logprobs, dim=1) if ref_logprobs else None,
-    )
+    return rec.result(finished_at)
+
+
+def _scatter(active: torch.Tensor, values: torch.Tensor, batch: int) -> torch.Tensor:
+    full = torch.zeros(batch, dtype=torch.bool, device=values.device)
+    full[active] = values
+    return full
+
+
+def _select_rows(cache: Any, keep: torch.Tensor) -> Any:
+    """The cache with only the rows ``keep`` (in place where the cache supports it)."""
+    if cache is None:
+        return None
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(keep)
+        return cache
+    if isinstance(cache, tuple):  # legacy tuple caches: ((k, v), ...) per layer
+        return tuple(tuple(t[keep] for t in layer) for layer in cache)
+    raise SteerlabError(f"cannot drop finished rows from a {type(cache).__name__} cache")
+
+
+class _Record:
+    """Per-step outputs of the whole batch; rows that left the batch get the fill token."""
+
+    def __init__(self, batch: int, fill: int, logits: bool, unsteered: bool) -> None:
+        self.batch, self.fill = batch, fill
+        self.keep_logits, self.unsteered = logits, unsteered
+        self.done = torch.zeros(batch, dtype=torch.bool)
+        self.tokens: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+        self.kls: list[torch.Tensor] = []
+        self.logprobs: list[torch.Tensor] = []
+
+    def step(
+        self,
+        active: torch.Tensor,
+        token: torch.Tensor,
+        logits: torch.Tensor,
+        plain: torch.Tensor | None,
+    ) -> torch.Tensor:
+        rows = active.cpu()
+        full = torch.full((self.batch,), self.fill, dtype=torch.long)
+        full[rows] = token.cpu()
+        self.tokens.append(full)
+        if self.keep_logits:
+            wide = torch.zeros(self.batch, logits.shape[-1])
+            wide[rows] = logits.cpu()
+            self.logits.append(wide)
+        if self.unsteered and plain is not None:
+            logp = torch.log_softmax(logits, -1)
+            logq = torch.log_softmax(plain, -1)
+            kl, lq = torch.zeros(self.batch), torch.zeros(self.batch)
+            kl[rows] = (logp.exp() * (logp - logq)).sum(-1).cpu()
+            lq[rows] = logq.gather(-1, token[:, None]).squeeze(-1).cpu()
+            self.kls.append(kl)
+            self.logprobs.append(lq)
+        return full
+
+    def result(self, finished_at: list[int]) -> Decoded:
+        tokens = torch.stack(self.tokens, dim=1)  # [batch, n]
+        return Decoded(
+            tokens=tokens,
+            lengths=[min(f, tokens.shape[1]) for f in finished_at],
+            logits=torch.stack(self.logits, dim=1) if self.keep_logits else None,
+            kl=torch.stack(self.kls, dim=1) if self.kls else None,
+            unsteered_logprobs=torch.stack(self.logprobs, dim=1) if self.logprobs else None,
+        )
 
 
 def generate(

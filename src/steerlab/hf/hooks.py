@@ -96,6 +96,16 @@ class Steerer:
         finally:
             self._enabled = previous
 
+    def select_rows(self, keep: Sequence[int]) -> None:
+        """Keep only the rows ``keep`` (a decoding loop dropping finished rows)."""
+        if self._bounds is None:
+            return
+        index = torch.tensor(list(keep), dtype=torch.long)
+        b = self._bounds
+        self._bounds = Bounds(b.lo[index], b.hi[index], b.newest, b.any_newest)
+        if self.fixed_lengths is not None:
+            self.fixed_lengths = [self.fixed_lengths[i] for i in keep]
+
     # ----- registration -----------------------------------------------------------------
     def __enter__(self) -> Steerer:
         self._ctx_token = _ACTIVE.set(_ACTIVE.get() | {id(self)})

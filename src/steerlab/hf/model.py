@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from steerlab.core.decoded import Decoded
+from steerlab.core.engine import OnStep
 from steerlab.core.errors import SteerlabError
 from steerlab.core.prompts import left_padded
 from steerlab.core.sampling import Sampling
@@ -80,6 +81,11 @@ class LoadedModel:
         return input_device(self.model)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the residual stream (that of the input embeddings)."""
+        return embedding_weight(self.model).dtype
+
+    @property
     def identity(self) -> ModelIdentity:
         """The :class:`ModelIdentity` that vectors made on this model record."""
         i = self.info
@@ -106,7 +112,7 @@ class LoadedModel:
         steering: Sequence[Sequence[Steering]],
         sampling: Sampling,
         *,
-        on_step: Callable[[torch.Tensor, torch.Tensor], bool | None] | None = None,
+        on_step: OnStep | None = None,
     ) -> Decoded:
         """Generate from unpadded prompt ids, one steering list per row (the engine seam)."""
         ids, mask = left_padded(self.tokenizer, prompts)

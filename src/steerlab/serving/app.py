@@ -4,25 +4,156 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``
 ``GET /v1/models``, ``GET /v1/vectors`` and the playground page at ``/``. A request adds
 ``"steering": [{"vector": NAME, "multiplier": 4, "layers": [9], "policy": "after-prompt"}]``;
 no field means unsteered. Vector names are keys of a registry loaded at start-up, never paths.
+
+No request can stall or starve another: bodies are size-limited before they are read,
+parsing and tokenizing run off the event loop, the queue is bounded (503 with
+``Retry-After``), each request has a deadline (504), and a client that goes away, streaming
+or not, frees its row at the next token. :class:`Guard` refuses foreign ``Host`` and
+``Origin`` headers, non-JSON bodies and, with an API key, requests without it.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the endpoints' annotations
 # (Request) at runtime from this module's and create_app's namespaces.
 import asyncio
+import hmac
+import ipaddress
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from steerlab.core.engine import Engine
 from steerlab.core.errors import SteerlabError
 from steerlab.core.vector import SteeringVector
-from steerlab.serving.batcher import Job
-from steerlab.serving.service import ApiError, Limits, Service, load_vectors
+from steerlab.serving.batcher import Job, QueueFull
+from steerlab.serving.service import (
+    ApiError,
+    Limits,
+    Service,
+    describe_vector,
+    load_vectors,
+    parse_body,
+)
 
-__all__ = ["ApiError", "Limits", "Service", "create_app", "load_vectors", "serve"]
+__all__ = ["ApiError", "Limits", "Security", "Service", "create_app", "load_vectors", "serve"]
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+_POLL = 0.25  # seconds between disconnect checks while a non-streaming request waits
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Security:
+    """Who may use the server.
+
+    Attributes:
+        api_key: when set, every ``/v1`` request needs ``Authorization: Bearer <key>``.
+        allowed_hosts: ``Host`` header names accepted (``*`` accepts any); loopback names
+            by default, which defeats DNS rebinding.
+        expose_metadata: ``/v1/vectors`` shows full metadata (dataset paths, notes).
+    """
+
+    api_key: str | None = None
+    allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES
+    expose_metadata: bool = False
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address or host name stays on this machine."""
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(value: str) -> str:
+    value = value.strip().lower()
+    if value.startswith("["):  # [::1]:8000
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+@dataclass
+class Guard:
+    """ASGI middleware: Host/Origin allow-list, API key, JSON-only bodies, body size."""
+
+    app: Any
+    security: Security
+    max_body_bytes: int
+    _hosts: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._hosts = frozenset(h.lower() for h in self.security.allowed_hosts)
+
+    def _allowed(self, name: str) -> bool:
+        return "*" in self._hosts or name in self._hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        problem = self._check(scope, headers)
+        if problem is not None:
+            await _send_error(send, problem)
+            return
+        await self.app(scope, receive, send)
+
+    def _check(self, scope: Scope, headers: dict[str, str]) -> ApiError | None:
+        if not self._allowed(_host_name(headers.get("host", ""))):
+            return ApiError(
+                421,
+                "this server does not answer for that Host name: start it with --allow-host",
+                kind="invalid_request_error",
+            )
+        origin = headers.get("origin")
+        if origin and origin != "null":
+            name = _host_name(origin.split("://", 1)[-1].split("/", 1)[0])
+            if not self._allowed(name):
+                return ApiError(403, "cross-origin requests are not allowed", kind="forbidden")
+        path = str(scope.get("path", ""))
+        key = self.security.api_key
+        if key and path.startswith("/v1"):
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return ApiError(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    kind="authentication_error",
+                )
+        if scope.get("method") == "POST":
+            kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if kind != "application/json":
+                return ApiError(
+                    415, "the request body must be JSON (Content-Type: application/json)"
+                )
+            length = headers.get("content-length", "0")
+            if not length.isdigit() or int(length) > self.max_body_bytes:
+                return ApiError(
+                    413,
+                    f"the request body is over this server's limit of {self.max_body_bytes} bytes",
+                )
+        return None
+
+
+async def _send_error(send: Send, error: ApiError) -> None:
+    payload = json.dumps(error.body()).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def create_app(
@@ -30,37 +161,51 @@ def create_app(
     vectors: dict[str, SteeringVector],
     limits: Limits | None = None,
     model_name: str | None = None,
+    security: Security | None = None,
 ) -> Any:
-    """The FastAPI application serving ``lm`` with ``vectors``."""
+    """The ASGI application serving ``lm`` with ``vectors`` (FastAPI inside :class:`Guard`)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-    service = Service(lm, vectors, limits or Limits())
+    limits = limits or Limits()
+    security = security or Security()
+    service = Service(lm, vectors, limits)
     name = model_name or lm.identity.name
-    app = FastAPI(title="steerlab", docs_url=None, redoc_url=None)
+    app = FastAPI(title="steerlab", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
+    # Parsing and tokenizing run here, one at a time, never on the event loop.
+    work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steerlab-parse")
 
     @app.on_event("shutdown")
     def _stop() -> None:
         service.batcher.close()
+        work.shutdown(wait=False, cancel_futures=True)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(ApiError(400, "invalid request body").body(), status_code=400)
 
-    async def _body(request: Request) -> dict[str, Any]:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
+    async def _read(request: Request) -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise ApiError(
+                    413,
+                    f"the request body is over this server's limit of {limits.max_body_bytes} bytes",
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _validate(raw: bytes, chat: bool) -> tuple[dict[str, Any], list[int], dict[str, Any]]:
+        body = parse_body(raw)
+        ids, params = service.job(body, chat)
+        return body, ids, params
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> str:
@@ -75,46 +220,60 @@ def create_app(
 
     @app.get("/v1/vectors")
     async def list_vectors() -> dict[str, Any]:
-        data = []
-        for key, v in sorted(service.vectors.items()):
-            meta = v.metadata()
-            data.append(
-                {
-                    "id": key,
-                    "object": "steering_vector",
-                    "layers": v.layers,
-                    "method": meta["method"],
-                    "read_position": meta["read_position"],
-                    "positionwise": v.positionwise,
-                    "norms": {str(k): n for k, n in v.norms().items()},
-                    "metadata": meta,
-                }
-            )
+        data = [
+            describe_vector(key, v, security.expose_metadata)
+            for key, v in sorted(service.vectors.items())
+        ]
         return {"object": "list", "data": data}
 
     async def _complete(request: Request, chat: bool) -> Any:
-        body = await _body(request)
-        ids, params = service.job(body, chat)
+        raw = await _read(request)
         loop = asyncio.get_running_loop()
+        body, ids, params = await loop.run_in_executor(work, _validate, raw, chat)
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def emit(kind: str, value: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-        job = Job(ids=ids, emit=emit, **params)
-        service.batcher.submit(job)
+        deadline = time.monotonic() + limits.request_timeout
+        job = Job(ids=ids, emit=emit, deadline=deadline, **params)
+        try:
+            service.batcher.submit(job)
+        except QueueFull:
+            raise ApiError(
+                503,
+                f"the server is busy ({limits.max_queue} requests waiting): retry shortly",
+                kind="server_error",
+                headers={"Retry-After": "1"},
+            ) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         tok = lm.tokenizer
+
+        async def next_event() -> tuple[str, Any]:
+            """The job's next event; cancels the job when the client leaves or time is up."""
+            while True:
+                try:
+                    return await asyncio.wait_for(events.get(), _POLL)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancelled.set()
+                        raise asyncio.CancelledError from None
+                    if time.monotonic() > deadline + 1.0:
+                        job.cancelled.set()
+                        raise ApiError(
+                            504, "the request ran past its deadline", kind="server_error"
+                        ) from None
 
         async def tokens() -> AsyncIterator[tuple[str, str | None]]:
             """(text delta, finish reason) as tokens arrive."""
             made: list[int] = []
             sent = ""
             while True:
-                kind, value = await events.get()
+                kind, value = await next_event()
                 if kind == "error":
-                    raise ApiError(500, f"generation failed: {value}", kind="server_error")
+                    status = 504 if "deadline" in str(value) else 500
+                    raise ApiError(status, f"generation failed: {value}", kind="server_error")
                 if kind == "done":
                     yield tok.decode(made, skip_special_tokens=True)[len(sent) :], value
                     return
@@ -132,59 +291,18 @@ def create_app(
                 async for delta, finish in tokens():
                     parts.append(delta)
                     reason = finish or reason
-            except asyncio.CancelledError:
-                job.cancelled.set()
-                raise
+            finally:
+                job.cancelled.set()  # a no-op when it finished; frees the row when not
             text = "".join(parts)
-            completion_tokens = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
-            usage = {
-                "prompt_tokens": len(ids),
-                "completion_tokens": completion_tokens,
-                "total_tokens": len(ids) + completion_tokens,
-            }
-            if chat:
-                choice = {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": reason,
-                    "logprobs": None,
-                }
-                return {
-                    "id": rid,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": name,
-                    "choices": [choice],
-                    "usage": usage,
-                }
-            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-            return {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": name,
-                "choices": [choice],
-                "usage": usage,
-            }
+            return _completion(rid, created, name, chat, text, reason, len(ids), tok)
 
         async def stream() -> AsyncIterator[str]:
             obj = "chat.completion.chunk" if chat else "text_completion"
+            head = {"id": rid, "object": obj, "created": created, "model": name}
             try:
                 if chat:
-                    first = {
-                        "id": rid,
-                        "object": obj,
-                        "created": created,
-                        "model": name,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "delta": {"role": "assistant", "content": ""},
-                                "finish_reason": None,
-                            }
-                        ],
-                    }
-                    yield f"data: {json.dumps(first)}\n\n"
+                    first = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+                    yield _sse({**head, "choices": [{**first, "finish_reason": None}]})
                 async for delta, finish in tokens():
                     if chat:
                         choice: dict[str, Any] = {
@@ -199,10 +317,10 @@ def create_app(
                             "finish_reason": finish,
                             "logprobs": None,
                         }
-                    yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': name, 'choices': [choice]})}\n\n"
+                    yield _sse({**head, "choices": [choice]})
                 yield "data: [DONE]\n\n"
             except ApiError as exc:
-                yield f"data: {json.dumps(exc.body())}\n\n"
+                yield _sse(exc.body())
             finally:
                 job.cancelled.set()
 
@@ -216,7 +334,39 @@ def create_app(
     async def completions(request: Request) -> Any:
         return await _complete(request, chat=False)
 
-    return app
+    return Guard(app, security, limits.max_body_bytes)
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _completion(
+    rid: str, created: int, model: str, chat: bool, text: str, reason: str, prompt: int, tok: Any
+) -> dict[str, Any]:
+    completion_tokens = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
+    usage = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+    }
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": reason,
+            "logprobs": None,
+        }
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
 def serve(
@@ -225,12 +375,25 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     limits: Limits | None = None,
+    security: Security | None = None,
+    allow_hosts: Sequence[str] = (),
 ) -> None:
-    """Run the server until interrupted."""
+    """Run the server until interrupted.
+
+    Args:
+        host: bind address; loopback by default.
+        allow_hosts: extra ``Host`` names to accept (the bind address is accepted too).
+    """
     try:
         import uvicorn
     except ImportError:
         raise SteerlabError(
             "the server needs fastapi and uvicorn: pip install 'steerlab[serve]'"
         ) from None
-    uvicorn.run(create_app(lm, vectors, limits), host=host, port=port, log_level="info")
+    security = security or Security()
+    names = set(security.allowed_hosts) | set(allow_hosts)
+    if host not in ("0.0.0.0", "::", ""):
+        names.add(host)
+    security = Security(security.api_key, tuple(sorted(names)), security.expose_metadata)
+    app = create_app(lm, vectors, limits, security=security)
+    uvicorn.run(app, host=host, port=port, log_level="info")

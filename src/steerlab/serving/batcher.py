@@ -1,15 +1,22 @@
 """The server's batcher: one worker thread runs queued requests as padded batches.
 
 Requests waiting when the worker is free form one left-padded batch (rows with equal
-sampling settings), each row with its own steerings, through the engine's ``decode_batch`` (:class:`steerlab.core.engine.Engine`). A
-request that arrives during a batch waits for the next one (per-batch, not continuous,
-batching). Each row's tokens are pushed to its own queue as they are made, for streaming.
+sampling settings), each row with its own steerings, through the engine's
+``decode_batch`` (:class:`steerlab.core.engine.Engine`). A request that arrives during a
+batch waits for the next one (per-batch, not continuous, batching). Each row's tokens are
+pushed to its own callback as they are made, for streaming.
+
+Fairness: the queue is bounded (:class:`QueueFull` when it is full); a row leaves the
+batch as soon as it reaches its own ``max_tokens``, EOS, its deadline, or is cancelled
+(its client went away); and when a batch fails, its rows that have not produced a token
+yet are retried one by one, so one bad row fails alone.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,9 +30,18 @@ from steerlab.core.steering import Steering
 Emit = Callable[[str, Any], None]  # ("token", id) / ("done", finish_reason) / ("error", message)
 
 
+class QueueFull(Exception):
+    """The batcher's queue holds as many requests as it may: answer 503 and retry later."""
+
+
 @dataclass
 class Job:
-    """One request row: prompt ids, steerings, decoding settings and where tokens go."""
+    """One request row: prompt ids, steerings, decoding settings and where tokens go.
+
+    Attributes:
+        deadline: ``time.monotonic()`` after which the row is stopped (None: no deadline).
+        cancelled: set when the client goes away; the row stops at the next step.
+    """
 
     ids: list[int]
     steering: list[Steering]
@@ -34,25 +50,58 @@ class Job:
     top_p: float
     seed: int | None
     emit: Emit
+    deadline: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    emitted: int = 0
+    closed: bool = False
+
+    def close(self, kind: str, value: Any) -> None:
+        """Send the final event ("done" or "error"), once."""
+        if not self.closed:
+            self.closed = True
+            self.emit(kind, value)
 
     @property
     def sampling_key(self) -> tuple[float, float, int | None]:
         return (self.temperature, self.top_p, self.seed)
 
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
 
 class Batcher:
-    """Owns the model; serves :class:`Job` rows from a queue in one worker thread."""
+    """Owns the engine; serves :class:`Job` rows from a bounded queue in one worker thread.
 
-    def __init__(self, lm: Engine, max_batch: int = 8) -> None:
+    Args:
+        lm: the engine.
+        max_batch: rows per batch.
+        max_queue: requests that may wait; :meth:`submit` raises :class:`QueueFull` beyond.
+    """
+
+    def __init__(self, lm: Engine, max_batch: int = 8, max_queue: int = 64) -> None:
         self.lm = lm
         self.max_batch = max_batch
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue + 1)
+        self.max_queue = max_queue
         self.thread = threading.Thread(target=self._run, name="steerlab-batcher", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
-        self.jobs.put(job)
+        """Queue a job.
+
+        Raises:
+            QueueFull: ``max_queue`` jobs are waiting already.
+        """
+        if self.jobs.qsize() >= self.max_queue:
+            raise QueueFull
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+
+    @property
+    def waiting(self) -> int:
+        return self.jobs.qsize()
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -82,14 +131,32 @@ class Batcher:
             batch = self._take()
             if batch is None:
                 return
-            batch = [j for j in batch if not j.cancelled.is_set()]
-            if not batch:
-                continue
-            try:
-                self._serve(batch)
-            except Exception as exc:  # a failing batch frees its rows and the worker lives on
-                for job in batch:
-                    job.emit("error", f"{type(exc).__name__}: {exc}")
+            live = []
+            for job in batch:
+                if job.cancelled.is_set():
+                    continue
+                if job.expired():
+                    job.close("error", "the request waited past its deadline")
+                    continue
+                live.append(job)
+            if live:
+                self._serve_isolated(live)
+
+    def _serve_isolated(self, batch: list[Job]) -> None:
+        try:
+            self._serve(batch)
+        except Exception as exc:  # a failing batch frees its rows and the worker lives on
+            message = f"{type(exc).__name__}: {exc}"
+            if len(batch) == 1:
+                batch[0].close("error", message)
+                return
+            for job in batch:
+                if job.closed:
+                    continue
+                if job.emitted:  # its client has tokens already: it cannot start over
+                    job.close("error", message)
+                else:
+                    self._serve_isolated([job])
 
     @torch.no_grad()
     def _serve(self, batch: list[Job]) -> None:
@@ -101,31 +168,33 @@ class Batcher:
             top_p=first.top_p,
             seed=first.seed,
         )
-        counts = [0] * len(batch)
         finished = [False] * len(batch)
         eos = tok.eos_token_id
 
-        def on_step(tokens: torch.Tensor, done: torch.Tensor) -> bool:
+        def on_step(tokens: torch.Tensor, done: torch.Tensor) -> list[bool]:
             for r, job in enumerate(batch):
                 if finished[r]:
                     continue
                 token = int(tokens[r])
                 if token == eos:
                     finished[r] = True
-                    job.emit("done", "stop")
+                    job.close("done", "stop")
                     continue
                 job.emit("token", token)
-                counts[r] += 1
-                if counts[r] >= job.max_tokens:
+                job.emitted += 1
+                if job.emitted >= job.max_tokens:
                     finished[r] = True
-                    job.emit("done", "length")
+                    job.close("done", "length")
                 elif job.cancelled.is_set():
                     finished[r] = True
-            return all(finished)
+                elif job.expired():
+                    finished[r] = True
+                    job.close("error", "the request ran past its deadline")
+            return list(finished)
 
         self.lm.decode_batch(
             [j.ids for j in batch], [j.steering for j in batch], sampling, on_step=on_step
         )
         for r, job in enumerate(batch):
             if not finished[r]:
-                job.emit("done", "length")
+                job.close("done", "length")

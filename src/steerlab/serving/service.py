@@ -1,16 +1,22 @@
 """Request validation for the server: the vector registry, limits, and OpenAI-style errors.
 
-:class:`Service` turns a request body into a validated batcher :class:`Job`; nothing here
-touches the network, so every check is tested without a server.
+:class:`Service` turns a request body into a validated batcher job; nothing here touches
+the network, so every check is tested without a server. Bodies are parsed with bounded
+numbers and depth; every number field is range-checked before it reaches ``int()`` or
+``float()``, and prompt sizes are checked in characters before tokenizing.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from steerlab.core.engine import Engine
 from steerlab.core.errors import SteerlabError
@@ -22,16 +28,33 @@ from steerlab.formats import load_vector
 from steerlab.serving.batcher import Batcher
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_MAX_INT_DIGITS = 19  # larger JSON integers are read as floats (then range-checked)
+_MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Request limits: the largest ``max_tokens``, |multiplier| and steerings per request."""
+    """What one request may ask for, and how much the server takes on at once.
+
+    Attributes:
+        max_tokens: the largest ``max_tokens``.
+        max_multiplier: the largest |multiplier|.
+        max_steerings: steering entries per request.
+        max_batch: rows per batch.
+        max_queue: requests that may wait; more get 503 with ``Retry-After``.
+        max_body_bytes: request body size; larger bodies get 413 before parsing.
+        max_prompt_chars: characters of prompt or messages, checked before tokenizing.
+        request_timeout: seconds a request may take, queueing included (then 504).
+    """
 
     max_tokens: int = 512
     max_multiplier: float = 1000.0
     max_steerings: int = 8
     max_batch: int = 8
+    max_queue: int = 64
+    max_body_bytes: int = 1 << 20
+    max_prompt_chars: int = 100_000
+    request_timeout: float = 300.0
 
 
 class ApiError(Exception):
@@ -43,9 +66,11 @@ class ApiError(Exception):
         message: str,
         param: str | None = None,
         kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {
@@ -53,32 +78,110 @@ class ApiError(Exception):
         }
 
 
+def _bounded_int(text: str) -> int | float:
+    return int(text) if len(text.lstrip("-")) <= _MAX_INT_DIGITS else float(text)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A JSON object from a request body, with bounded integers and nesting.
+
+    Raises:
+        ApiError: 400 for anything but a JSON object of sane size and depth.
+    """
+    try:
+        body = json.loads(raw, parse_int=_bounded_int)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def number(value: Any, name: str, lo: float, hi: float, *, low_open: bool = False) -> float:
+    """A finite JSON number within ``[lo, hi]`` (``(lo, hi]`` with ``low_open``).
+
+    Raises:
+        ApiError: 400 naming the field and its range.
+    """
+    span = f"{'(' if low_open else '['}{lo:g}, {hi:g}]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, f"'{name}' must be a number in {span}", name)
+    x = float(value) if isinstance(value, float) or abs(value) < 10**18 else math.inf
+    if not math.isfinite(x) or x > hi or x < lo or (low_open and x == lo):
+        raise ApiError(400, f"'{name}' must be a finite number in {span}", name)
+    return x
+
+
+def integer(value: Any, name: str, lo: int, hi: int) -> int:
+    """A JSON integer within ``[lo, hi]``.
+
+    Raises:
+        ApiError: 400 naming the field and its range.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ApiError(400, f"'{name}' must be an integer from {lo} to {hi}", name)
+    return value
+
+
 def load_vectors(
-    directory: Path, lm: Engine, allow_mismatch: bool = False
+    directory: Path,
+    lm: Engine,
+    allow_mismatch: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, SteeringVector]:
     """Every ``*.safetensors`` / ``*.gguf`` vector in ``directory``, keyed by file stem.
 
+    Args:
+        warn: called with a one-line message for each unreadable file, which is skipped;
+            without it an unreadable file is an error.
+
     Raises:
-        SteerlabError: a missing directory, a bad file name, or a vector that does not fit
-            the model.
+        SteerlabError: a missing directory, a bad file name, a vector that does not fit
+            the model, or (without ``warn``) an unreadable file.
     """
     if not directory.is_dir():
         raise SteerlabError(f"vector directory '{directory}' does not exist: pass --vectors DIR")
     vectors: dict[str, SteeringVector] = {}
     for path in sorted(directory.iterdir()):
-        if path.suffix.lower() not in (".safetensors", ".gguf"):
+        if path.suffix.lower() not in (".safetensors", ".gguf") or path.name.startswith("."):
             continue
         if not _NAME.match(path.stem):
             raise SteerlabError(
                 f"vector file name '{path.name}' is not a plain name: rename it (letters, digits, _ . -)"
             )
-        vector = load_vector(path)
+        try:
+            vector = load_vector(path)
+        except SteerlabError as exc:
+            if warn is None:
+                raise
+            warn(f"skipping {path.name}: {exc}")
+            continue
         try:
             vector.check_model(lm.identity, allow_mismatch)
         except SteerlabError as exc:
             raise SteerlabError(f"{path.name}: {exc}") from None
         vectors[path.stem] = vector
     return vectors
+
+
+def describe_vector(name: str, vector: SteeringVector, full: bool) -> dict[str, Any]:
+    """What ``/v1/vectors`` shows of a vector: no local paths or notes unless ``full``."""
+    meta = vector.metadata()
+    entry: dict[str, Any] = {
+        "id": name,
+        "object": "steering_vector",
+        "layers": vector.layers,
+        "method": meta["method"],
+        "read_position": meta["read_position"],
+        "positionwise": vector.positionwise,
+        "norms": {str(k): n for k, n in vector.norms().items()},
+        "model": {k: meta["model"][k] for k in ("architecture", "hidden_size", "num_layers")},
+    }
+    if full:
+        entry["metadata"] = meta
+    return entry
 
 
 class Service:
@@ -88,7 +191,7 @@ class Service:
         self.lm = lm
         self.vectors = vectors
         self.limits = limits
-        self.batcher = Batcher(lm, limits.max_batch)
+        self.batcher = Batcher(lm, limits.max_batch, limits.max_queue)
         self.context = lm.context_length
 
     def steerings(self, raw: Any, prompt_ids: list[int]) -> list[Steering]:
@@ -104,82 +207,97 @@ class Service:
             raise ApiError(
                 400, f"at most {self.limits.max_steerings} steerings per request", "steering"
             )
-        out = []
-        for i, item in enumerate(raw):
-            where = f"steering[{i}]"
-            if not isinstance(item, dict):
-                raise ApiError(400, f"{where} must be an object", where)
-            name = item.get("vector")
-            if not isinstance(name, str) or name not in self.vectors:
-                known = ", ".join(sorted(self.vectors)) or "none"
-                raise ApiError(
-                    404,
-                    f"unknown vector {name!r} in {where}: known vectors are {known}",
-                    f"{where}.vector",
-                    "not_found_error",
-                )
-            vector = self.vectors[name]
-            multiplier = item.get("multiplier", 1.0)
+        return [self._steering(i, item, prompt_ids) for i, item in enumerate(raw)]
+
+    def _steering(self, i: int, item: Any, prompt_ids: list[int]) -> Steering:
+        where = f"steering[{i}]"
+        if not isinstance(item, dict):
+            raise ApiError(400, f"{where} must be an object", where)
+        name = item.get("vector")
+        if not isinstance(name, str) or name not in self.vectors:
+            known = ", ".join(sorted(self.vectors)) or "none"
+            shown = name[:64] if isinstance(name, str) else name
+            raise ApiError(
+                404,
+                f"unknown vector {shown!r} in {where}: known vectors are {known}",
+                f"{where}.vector",
+                "not_found_error",
+            )
+        vector = self.vectors[name]
+        bound = self.limits.max_multiplier
+        raw_multiplier = item.get("multiplier", 1.0)
+        if isinstance(raw_multiplier, bool) or not isinstance(raw_multiplier, (int, float)):
+            raise ApiError(
+                400, f"{where}.multiplier must be a finite number", f"{where}.multiplier"
+            )
+        try:
+            multiplier = number(raw_multiplier, f"{where}.multiplier", -bound, bound)
+        except ApiError:
+            raise ApiError(
+                400,
+                f"{where}.multiplier must be within +/-{bound:g} (a finite number)",
+                f"{where}.multiplier",
+            ) from None
+        layers = item.get("layers")
+        if layers is not None:
             if (
-                isinstance(multiplier, bool)
-                or not isinstance(multiplier, (int, float))
-                or not math.isfinite(multiplier)
+                not isinstance(layers, list)
+                or not layers
+                or len(layers) > 4096
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
             ):
                 raise ApiError(
-                    400, f"{where}.multiplier must be a finite number", f"{where}.multiplier"
+                    400, f"{where}.layers must be a non-empty list of integers", f"{where}.layers"
                 )
-            if abs(multiplier) > self.limits.max_multiplier:
+            missing = [x for x in layers if x not in vector.directions]
+            if missing:
                 raise ApiError(
                     400,
-                    f"{where}.multiplier must be within +/-{self.limits.max_multiplier:g}",
+                    f"{where}: vector {name!r} has no layer {missing[0]} (it has {','.join(map(str, vector.layers))})",
+                    f"{where}.layers",
+                )
+        scale = item.get("scale", "absolute")
+        policy_text = item.get("policy", "after-prompt")
+        if not isinstance(policy_text, str) or len(policy_text) > 256:
+            raise ApiError(400, f"{where}.policy must be a policy name", f"{where}.policy")
+        try:
+            policy = Policy.parse(policy_text)
+            steering = Steering(
+                vector, multiplier, None if layers is None else tuple(layers), policy, scale
+            )
+        except SteerlabError as exc:
+            raise ApiError(400, f"{where}: {exc}", where) from None
+        try:
+            check_marker(policy, self.lm.tokenizer.decode(prompt_ids))
+        except SteerlabError as exc:
+            raise ApiError(400, f"{where}: {exc}", f"{where}.policy") from None
+        dtype = self.lm.dtype
+        for layer in steering.steered_layers:
+            if not bool(torch.isfinite(steering.delta(layer).to(dtype)).all()):
+                raise ApiError(
+                    400,
+                    f"{where}: multiplier {multiplier:g} times vector {name!r} overflows the "
+                    f"model's {str(dtype).removeprefix('torch.')} at layer {layer}: use a "
+                    "smaller multiplier",
                     f"{where}.multiplier",
                 )
-            layers = item.get("layers")
-            if layers is not None:
-                if (
-                    not isinstance(layers, list)
-                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
-                    or not layers
-                ):
-                    raise ApiError(
-                        400,
-                        f"{where}.layers must be a non-empty list of integers",
-                        f"{where}.layers",
-                    )
-                missing = [x for x in layers if x not in vector.directions]
-                if missing:
-                    raise ApiError(
-                        400,
-                        f"{where}: vector {name!r} has no layer {missing[0]} (it has {','.join(map(str, vector.layers))})",
-                        f"{where}.layers",
-                    )
-            scale = item.get("scale", "absolute")
-            try:
-                policy = Policy.parse(str(item.get("policy", "after-prompt")))
-                steering = Steering(
-                    vector,
-                    float(multiplier),
-                    None if layers is None else tuple(layers),
-                    policy,
-                    scale,
-                )
-            except SteerlabError as exc:
-                raise ApiError(400, f"{where}: {exc}", where) from None
-            try:
-                check_marker(policy, self.lm.tokenizer.decode(prompt_ids))
-            except SteerlabError as exc:
-                raise ApiError(400, f"{where}: {exc}", f"{where}.policy") from None
-            out.append(steering)
-        return out
+        return steering
 
-    def job(self, body: dict[str, Any], chat: bool) -> tuple[list[int], dict[str, Any]]:
-        """Validate a request body; returns the prompt ids and the decoding parameters."""
+    def _prompt_ids(self, body: dict[str, Any], chat: bool) -> list[int]:
         tok = self.lm.tokenizer
+        cap = self.limits.max_prompt_chars
+        too_long = ApiError(
+            400,
+            f"the prompt is over this server's limit of {cap} characters",
+            "messages" if chat else "prompt",
+            "context_length_exceeded",
+        )
         if chat:
             messages = body.get("messages")
             if (
                 not isinstance(messages, list)
                 or not messages
+                or len(messages) > 1024
                 or not all(
                     isinstance(m, dict)
                     and isinstance(m.get("role"), str)
@@ -192,23 +310,40 @@ class Service:
                     "'messages' must be a non-empty list of {role, content} strings",
                     "messages",
                 )
-            ids = encode(tok, render_messages(tok, messages))
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if not isinstance(prompt, str) or not prompt:
-                raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
-            ids = [int(i) for i in tok(prompt)["input_ids"]]
+            if sum(len(m["content"]) + len(m["role"]) for m in messages) > cap:
+                raise too_long
+            return encode(tok, render_messages(tok, messages))
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
+        if len(prompt) > cap:
+            raise too_long
+        return [int(i) for i in tok(prompt)["input_ids"]]
+
+    def job(self, body: dict[str, Any], chat: bool) -> tuple[list[int], dict[str, Any]]:
+        """Validate a request body; returns the prompt ids and the decoding parameters.
+
+        Cheap checks come first, so a bad request is refused before it is tokenized.
+        """
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 64))
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ApiError(400, "'max_tokens' must be a positive integer", "max_tokens")
         if max_tokens > self.limits.max_tokens:
             raise ApiError(
                 400,
-                f"'max_tokens' is {max_tokens}, above this server's limit of {self.limits.max_tokens}",
+                f"'max_tokens' is {max_tokens:.0f}, above this server's limit of {self.limits.max_tokens}",
                 "max_tokens",
             )
+        temperature = number(body.get("temperature", 0.0), "temperature", 0.0, 2.0)
+        top_p = number(body.get("top_p", 1.0), "top_p", 0.0, 1.0, low_open=True)
+        seed = body.get("seed")
+        if seed is not None:
+            seed = integer(seed, "seed", 0, _MAX_SEED)
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "only n=1 is supported", "n")
+        ids = self._prompt_ids(body, chat)
         if len(ids) + max_tokens > self.context:
             raise ApiError(
                 400,
@@ -216,29 +351,11 @@ class Service:
                 "messages" if chat else "prompt",
                 "context_length_exceeded",
             )
-        temperature = body.get("temperature", 0.0)
-        top_p = body.get("top_p", 1.0)
-        seed = body.get("seed")
-        for name, value in (("temperature", temperature), ("top_p", top_p)):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-            ):
-                raise ApiError(400, f"'{name}' must be a number", name)
-        if not 0 <= float(temperature) <= 2:
-            raise ApiError(400, "'temperature' must be between 0 and 2", "temperature")
-        if not 0 < float(top_p) <= 1:
-            raise ApiError(400, "'top_p' must be in (0, 1]", "top_p")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ApiError(400, "'seed' must be an integer", "seed")
-        if body.get("n", 1) != 1:
-            raise ApiError(400, "only n=1 is supported", "n")
         params = {
             "steering": self.steerings(body.get("steering"), ids),
             "max_tokens": max_tokens,
-            "temperature": float(temperature),
-            "top_p": float(top_p),
+            "temperature": temperature,
+            "top_p": top_p,
             "seed": seed,
         }
         return ids, params
