@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,21 +57,65 @@ def test_safetensors_round_trip_keeps_everything(llama, tmp_path):
 
 
 def test_save_is_atomic(llama, tmp_path, monkeypatch):
-    import safetensors.torch
+    import os
 
     target = tmp_path / "v.safetensors"
     save_vector(random_vector(llama, [1]), target)
     before = target.read_bytes()
+    assert target.stat().st_mode & 0o777 == 0o644 & ~_umask()  # not mkstemp's 0600
 
-    def crash(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"half")
+    def crash(fd):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(KeyboardInterrupt):
         save_vector(random_vector(llama, [1], seed=9), target)
     assert target.read_bytes() == before and len(list(tmp_path.iterdir())) == 1
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_killed_save_leaves_no_temporary(tmp_path):
+    """SIGKILL in the middle of a save (after the bytes, before the rename): nothing litters."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "marker"
+    folder = tmp_path / "out"
+    folder.mkdir()
+    code = f"""
+import os, sys, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import tiny
+from helpers import random_vector
+from steerlab.formats import save_vector
+vec = random_vector(tiny.model("llama"), [1])
+def stall(fd):
+    open({str(marker)!r}, "w").close()
+    time.sleep(60)
+os.fsync = stall
+save_vector(vec, {str(folder / "v.safetensors")!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        for _ in range(600):
+            if marker.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), "the save never reached its fsync"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert list(folder.iterdir()) == []
 
 
 def test_pickles_and_foreign_files_are_refused(llama, tmp_path):

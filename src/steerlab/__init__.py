@@ -27,7 +27,7 @@ from steerlab.core.vector import DatasetInfo, ModelIdentity, SteeringVector
 from steerlab.formats import export_gguf, import_gguf, load_vector, save_vector
 from steerlab.hf.decoding import decode, generate
 from steerlab.hf.extraction import extract
-from steerlab.hf.hooks import steer
+from steerlab.hf.hooks import no_steering, steer
 from steerlab.hf.layers import LayerMap, find_layers, resolve_layers
 from steerlab.hf.model import LoadedModel, ModelInfo, describe, load_model
 
@@ -56,6 +56,7 @@ __all__ = [
     "load_dataset",
     "load_model",
     "load_vector",
+    "no_steering",
     "resolve_layers",
     "save_vector",
     "steer",

@@ -20,7 +20,6 @@ from steerlab.cli.common import (
     print_rows,
     steerings_of,
 )
-from steerlab.core.errors import SteerlabError
 
 
 @app.command()
@@ -140,19 +139,16 @@ def compare_policies_cmd(
 ) -> None:
     """One vector, layer and multiplier under after-prompt, transient, all, prompt and actadd."""
     from steerlab.core.dataset import load_dataset
+    from steerlab.core.files import read_prompts
     from steerlab.evaluation.policies import compare_policies
     from steerlab.evaluation.sweep import DEFAULT_PROMPTS
 
+    texts = list(DEFAULT_PROMPTS) if prompts is None else read_prompts(prompts)
+    ab = load_dataset(ab_dataset) if ab_dataset else None  # bad input fails before the model
     lm = load(model, device, dtype)
     steerings = steerings_of(
         vector, str(layer), "after-prompt", "absolute", lm, allow_model_mismatch
     )
-    texts = list(DEFAULT_PROMPTS)
-    if prompts is not None:
-        texts = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
-        if not texts:
-            raise SteerlabError(f"'{prompts}' has no prompts: write one per line")
-    ab = load_dataset(ab_dataset) if ab_dataset else None
     rows = compare_policies(
         lm,
         steerings[0].vector,

@@ -21,6 +21,7 @@ from steerlab.cli.common import (
     warn,
 )
 from steerlab.core.errors import SteerlabError
+from steerlab.formats.atomic import check_output
 
 
 @app.command()
@@ -85,6 +86,7 @@ def extract(
         raise SteerlabError(
             f"output '{output}' must end in .safetensors (GGUF: `steerlab vector export-gguf`)"
         )
+    check_output(output)  # before any model work
     data = load_dataset(dataset, fmt, negatives)  # type: ignore[arg-type]
     for warning in data.warnings:
         warn(warning)
@@ -160,6 +162,7 @@ def vector_export(
     from steerlab.formats import load_vector
     from steerlab.formats.gguf import export_gguf
 
+    check_output(output)
     export_gguf(load_vector(path), output)
     out.print(f"wrote {output}")
 
@@ -173,6 +176,7 @@ def vector_import(
     from steerlab.formats import save_vector
     from steerlab.formats.gguf import import_gguf
 
+    check_output(output)
     vec = import_gguf(path)
     save_vector(vec, output)
     out.print(f"wrote {output}: layers {','.join(map(str, vec.layers))}")
@@ -189,6 +193,7 @@ def vector_select(
     from steerlab.formats import load_vector, save_vector
     from steerlab.hf.layers import resolve_layers
 
+    check_output(output)
     vec = load_vector(path)
     chosen = resolve_layers(layers, vec.model.num_layers or max(vec.layers) + 1)
     save_vector(vec.select(chosen).scale(scale), output)

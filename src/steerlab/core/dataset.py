@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from steerlab.core.errors import SteerlabError
+from steerlab.core.files import check_file, read_text
 from steerlab.core.vector import DatasetInfo
 
 Format = Literal["ab", "yesno", "pairs", "unpaired", "actadd"]
@@ -81,7 +82,7 @@ class Dataset:
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, record) for JSONL, JSON arrays, CSV and plain text files."""
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "dataset file")
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -294,8 +295,7 @@ def load_dataset(
         raise SteerlabError(f"unknown dataset format '{format}': use one of {', '.join(FORMATS)}")
     files = [Path(path)] + ([Path(negatives)] if negatives is not None else [])
     for f in files:
-        if not f.is_file():
-            raise SteerlabError(f"dataset file '{f}' does not exist: check the path")
+        check_file(f, "dataset file")
     problems: list[str] = []
     if negatives is not None:
         if format not in (None, "unpaired"):

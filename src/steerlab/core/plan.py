@@ -117,6 +117,19 @@ class SteeringPlan:
                     f"layer {top} does not exist: the model has layers 0..{num_layers - 1}"
                 )
 
+    def check_finite(self, dtype: torch.dtype) -> None:
+        """Raises SteerlabError when a delta overflows ``dtype`` (e.g. float16's 65504)."""
+        for layer in self.layers:
+            tensors = ([self._w[layer]] if layer in self._w else []) + [
+                m for _, m in self._actadd.get(layer, ())
+            ]
+            for tensor in tensors:
+                if not bool(torch.isfinite(tensor.to(dtype)).all()):
+                    raise SteerlabError(
+                        f"a steering at layer {layer} overflows the model's "
+                        f"{str(dtype).removeprefix('torch.')}: use a smaller multiplier"
+                    )
+
     # ----- per call: the spans of every row ----------------------------------------------
     def bounds(self, prompt_lengths: Sequence[int], marker_at: MarkerAt | None = None) -> Bounds:
         """Each steering's span on each row, from the rows' prompt lengths.

@@ -65,6 +65,12 @@ class Steering:
                     f"--scale relative needs the residual norm of layer {absent[0]}, which the "
                     "vector does not record: use --scale absolute"
                 )
+        for layer in layers:
+            if not bool(torch.isfinite(self.delta(layer)).all()):
+                raise SteerlabError(
+                    f"multiplier {self.multiplier:g} times the vector overflows float32 at "
+                    f"layer {layer}: use a smaller multiplier"
+                )
 
     @property
     def steered_layers(self) -> tuple[int, ...]:

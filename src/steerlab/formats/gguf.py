@@ -7,6 +7,7 @@ steerlab's layer N; it cannot steer N = 0.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from steerlab.core.errors import SteerlabError
 from steerlab.core.vector import ModelIdentity, SteeringVector, from_metadata
-from steerlab.formats.atomic import atomic_write
+from steerlab.formats.atomic import atomic_write_bytes, check_output
 
 ARCH = "controlvector"
 _META = "steerlab.metadata"
@@ -39,6 +40,7 @@ def export_gguf(vector: SteeringVector, path: str | Path) -> Path:
             "--layers 1-...` or extract without layer 0"
         )
     target = Path(path)
+    check_output(target)
 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, ARCH)
@@ -52,7 +54,13 @@ def export_gguf(vector: SteeringVector, path: str | Path) -> Path:
         writer.write_tensors_to_file()
         writer.close()
 
-    atomic_write(target, write)
+    # The GGUF writer wants a path: it writes in the system temp folder, and the bytes
+    # reach the target through the same kill-safe write as every vector file.
+    with tempfile.TemporaryDirectory(prefix="steerlab-gguf-") as folder:
+        scratch = str(Path(folder) / "vector.gguf")
+        write(scratch)
+        data = Path(scratch).read_bytes()
+    atomic_write_bytes(target, data)
     return target
 
 

@@ -7,19 +7,19 @@ from pathlib import Path
 
 from steerlab.core.errors import SteerlabError
 from steerlab.core.vector import SteeringVector, from_metadata
-from steerlab.formats.atomic import atomic_write
+from steerlab.formats.atomic import atomic_write_bytes
 
 META_KEY = "steerlab"
 
 
 def save_safetensors(vector: SteeringVector, path: str | Path) -> Path:
     """Write ``vector`` as safetensors with its metadata in the header, atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     target = Path(path)
     tensors = {f"layer.{k}": v.contiguous() for k, v in vector.directions.items()}
     header = {META_KEY: json.dumps(vector.metadata(), sort_keys=True)}
-    atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write_bytes(target, save(tensors, metadata=header))
     return target
 
 

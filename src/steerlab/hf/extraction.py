@@ -57,9 +57,15 @@ def build_items(
         raise SteerlabError(f"unknown read position '{read}': use auto, answer, last or mean")
     tok = lm.tokenizer
     items: list[Item] = []
+    limit = lm.context_length
 
-    def span(prompt: str | None, completion: str) -> tuple[list[int], int]:
+    def span(prompt: str | None, completion: str, line: int) -> tuple[list[int], int]:
         full = prompt_ids(tok, prompt or "", system=system, assistant_prefix=completion, chat=chat)
+        if len(full) > limit:
+            raise SteerlabError(
+                f"{dataset.info.path or 'dataset'}:{line}: the example is {len(full)} tokens, "
+                f"over the model's context of {limit}: shorten or drop it"
+            )
         bare = prompt_ids(tok, prompt or "", system=system, chat=chat)
         start = min(_common_prefix(full, bare), len(full) - 1)
         return full, start
@@ -70,13 +76,13 @@ def build_items(
                 "read position 'answer' needs pairs: use mean or last for unpaired sets"
             )
         for t in dataset.texts:
-            ids, start = span(t.prompt, t.text)
+            ids, start = span(t.prompt, t.text, t.line)
             lo = start if read == "mean" else len(ids) - 1
             items.append(Item(ids, lo, len(ids), t.positive))
         return items, read
     for p in dataset.pairs:
-        pos, pos_start = span(p.prompt, p.positive)
-        neg, neg_start = span(p.prompt, p.negative)
+        pos, pos_start = span(p.prompt, p.positive, p.line)
+        neg, neg_start = span(p.prompt, p.negative, p.line)
         if read == "answer":
             prefix = _common_prefix(pos, neg)
             suffix = _common_prefix(pos[::-1], neg[::-1])
@@ -230,6 +236,12 @@ def extract_actadd(lm: LoadedModel, dataset: Dataset, layers: list[int]) -> Stee
         text_neg = (p.prompt or "") + p.negative
         a = list(tok(text_pos)["input_ids"])
         b = list(tok(text_neg)["input_ids"])
+        if max(len(a), len(b)) > lm.context_length:
+            raise SteerlabError(
+                f"{dataset.info.path or 'dataset'}:{p.line}: the ActAdd pair is "
+                f"{max(len(a), len(b))} tokens, over the model's context of "
+                f"{lm.context_length}: shorten it"
+            )
         seqs.append((a, b))
     k = max(max(len(a), len(b)) for a, b in seqs)
     items: list[Item] = []

@@ -16,6 +16,7 @@ phases with :meth:`Steerer.logits_pass` and :meth:`Steerer.unsteered`.
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -28,11 +29,35 @@ from steerlab.core.plan import Bounds, SteeringPlan
 from steerlab.core.policy import Policy, marker_end
 from steerlab.core.steering import Scale, Steering, as_steerings
 from steerlab.core.vector import SteeringVector
-from steerlab.hf.layers import LayerMap, block_output, find_layers, replace_block_output
+from steerlab.hf.layers import (
+    LayerMap,
+    block_output,
+    embedding_weight,
+    find_layers,
+    replace_block_output,
+)
 
 _ACTIVE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
     "steerlab_active", default=frozenset()
 )
+_OPTED_OUT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "steerlab_opted_out", default=False
+)
+
+
+@contextmanager
+def no_steering() -> Iterator[None]:
+    """Forwards inside run unsteered even while another thread's ``steer()`` is active.
+
+    A thread that is in no ``steer()`` call is steered by the one ``steer()`` active on
+    the model (so ``Thread(target=model.generate)`` inside ``steer()`` is steered, the
+    streaming pattern); wrap a concurrent unsteered thread's forwards in this instead.
+    """
+    token = _OPTED_OUT.set(True)
+    try:
+        yield
+    finally:
+        _OPTED_OUT.reset(token)
 
 
 class Steerer:
@@ -69,13 +94,22 @@ class Steerer:
         if self.plan.needs_marker and tokenizer is None:
             raise SteerlabError("policy from-marker needs the tokenizer: pass tokenizer=")
         self.plan.check_layers(self.layer_map.num_layers)
+        self.plan.check_finite(embedding_weight(model).dtype)
         self.tokenizer = tokenizer
         self.fixed_lengths = None if prompt_lengths is None else [int(p) for p in prompt_lengths]
         self._steer_newest = False  # inside logits_pass()
         self._enabled = True  # False inside unsteered()
         self._bounds: Bounds | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._forward: dict[str, Any] | None = None  # per-forward state from the pre-hook
+        self._local = threading.local()  # per-forward state from the pre-hook, per thread
+
+    @property
+    def _forward(self) -> dict[str, Any] | None:
+        return getattr(self._local, "forward", None)
+
+    @_forward.setter
+    def _forward(self, state: dict[str, Any] | None) -> None:
+        self._local.forward = state
 
     # ----- phases of a decoding loop -----------------------------------------------------
     @contextmanager
@@ -130,17 +164,40 @@ class Steerer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._forward = None
+        self._local = threading.local()
         self.plan.release()
         if hasattr(self, "_ctx_token"):
             _ACTIVE.reset(self._ctx_token)
             del self._ctx_token
 
     # ----- per forward: positions and the steering matrix --------------------------------
+    def _mine(self, module: nn.Module) -> bool:
+        """Whether this forward belongs to this call (see :func:`no_steering`)."""
+        active = _ACTIVE.get()
+        if id(self) in active:
+            return True
+        if active or _OPTED_OUT.get():
+            return False  # this thread is in another steer() call, or opted out
+        # A thread in no steer() call, e.g. model.generate started in a Thread inside the
+        # `with` block: it belongs to the one steer() call on this model.
+        live = [
+            hook
+            for hook in module._forward_pre_hooks.values()
+            if isinstance(getattr(hook, "__self__", None), Steerer)
+        ]
+        if len(live) > 1:
+            raise SteerlabError(
+                "a forward from a thread outside any steer() call reached a model that several "
+                "steer() calls are steering: start the thread with "
+                "contextvars.copy_context().run inside the steer() block it belongs to, or "
+                "wrap its forwards in steerlab.no_steering()"
+            )
+        return True
+
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if id(self) not in _ACTIVE.get():
-            return  # another thread's forward: leave this call's state alone
         self._forward = None
+        if not self._mine(module):
+            return  # another call's forward: leave this call's state alone
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         x = ids if ids is not None else embeds
@@ -180,6 +237,7 @@ class Steerer:
         any_on = bool(coef.any())
         self._forward = {
             "coef": coef,
+            "on": coef.any(-1, keepdim=True),  # [batch, cur, 1]: tokens some steering covers
             "t": t,
             "any": any_on,
             "all": any_on and bool(coef.all()),
@@ -215,7 +273,7 @@ class Steerer:
     def _make_hook(self, layer: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             state = self._forward
-            if state is None or not state["any"] or id(self) not in _ACTIVE.get():
+            if state is None or not state["any"]:
                 return None
             hidden = block_output(output)  # [batch, seq, d]
             delta = self.plan.delta(
@@ -227,7 +285,11 @@ class Steerer:
             )
             if delta is None:
                 return None
-            return replace_block_output(output, hidden + delta)
+            if state["all"]:
+                return replace_block_output(output, hidden + delta)
+            # A masked add: a token no steering covers gets exactly nothing added.
+            on = state["on"].to(hidden.device)
+            return replace_block_output(output, torch.where(on, hidden + delta, hidden))
 
         return hook
 
