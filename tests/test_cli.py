@@ -219,3 +219,76 @@ def test_bad_inputs_are_one_line_errors(workspace, vector, tmp_path):
         "3",
     )
     assert ok.returncode == 0 and "transferring" in ok.stderr
+
+
+def test_hardening_cases_are_one_line_errors_before_model_work(workspace, vector, tmp_path):
+    """Outputs under a file, non-UTF-8 prompt files, directories as datasets, overflowing
+    multipliers and an exposed bind address: a one-line error (or warning), no traceback."""
+    model = str(workspace / "model")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = run(
+        "extract",
+        str(workspace / "pairs.jsonl"),
+        "--model",
+        "/no/such/model",
+        "-o",
+        str(afile / "x.safetensors"),
+    )
+    assert_error(r, "is a file, not a directory")  # refused before the (missing) model loads
+    latin = tmp_path / "prompts.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    r = run(
+        "compare-policies",
+        "--vector",
+        str(vector),
+        "--layer",
+        "1",
+        "--model",
+        "/no/such/model",
+        "--prompts",
+        str(latin),
+    )
+    assert_error(r, "is not UTF-8")
+    r = run("extract", str(tmp_path), "--model", model, "-o", str(tmp_path / "v.safetensors"))
+    assert_error(r, "is a directory")
+    r = run(
+        "generate",
+        "hi",
+        "--model",
+        model,
+        "--vector",
+        str(vector),
+        "--layer",
+        "1",
+        "-x",
+        "1e308",
+        "--json",
+    )
+    assert_error(r, "overflows float32")
+    vdir = tmp_path / "vectors"
+    vdir.mkdir()
+    r = run("serve", "--vectors", str(vdir), "--host", "0.0.0.0", "--model", "/no/such/model")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "warning: binding to 0.0.0.0 without an API key" in r.stderr
+
+
+def test_extraction_refuses_examples_longer_than_the_context(workspace, tmp_path):
+    import json as _json
+
+    data = tmp_path / "long.jsonl"
+    rows = [{"prompt": "Q", "positive": "yes", "negative": "no"}] * 3
+    rows.append({"prompt": "Q", "positive": "y" * 400, "negative": "no"})  # tiny models: 256
+    data.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    r = run(
+        "extract",
+        str(data),
+        "--model",
+        str(workspace / "model"),
+        "-o",
+        str(tmp_path / "v.safetensors"),
+    )
+    assert_error(r, "long.jsonl:4: the example is")
+    assert (
+        "over the model's context of 256" in r.stderr and not (tmp_path / "v.safetensors").exists()
+    )

@@ -255,3 +255,49 @@ def test_invalid_combinations_are_one_line_errors(llama):
         lm.model(torch.tensor([prompt_ids(lm)[0]]))
     with pytest.raises(SteerlabError, match="finite"):
         Steering(vec, float("nan"))
+
+
+def test_a_thread_started_inside_steer_is_steered(llama):
+    """The Hugging Face streaming pattern: Thread(target=model.generate) + TextIteratorStreamer."""
+    from transformers import TextIteratorStreamer
+
+    lm = llama
+    s = make_steering(lm, "after-prompt", 6.0)
+    ids = torch.tensor([prompt_ids(lm)[0]])
+    kwargs = dict(max_new_tokens=STEPS, do_sample=False, pad_token_id=0)
+    with steer(lm.model, s):
+        same_thread = lm.model.generate(ids, **kwargs)
+    plain = lm.model.generate(ids, **kwargs)
+    assert not torch.equal(same_thread, plain)
+    streamer = TextIteratorStreamer(lm.tokenizer, skip_prompt=True)
+    result = {}
+    with steer(lm.model, s):
+        worker = threading.Thread(
+            target=lambda: result.setdefault(
+                "ids", lm.model.generate(ids, streamer=streamer, **kwargs)
+            )
+        )
+        worker.start()
+        text = "".join(streamer)
+        worker.join()
+    assert torch.equal(result["ids"], same_thread)
+    assert text == lm.tokenizer.decode(same_thread[0, ids.shape[1] :])
+
+
+def test_no_steering_keeps_a_concurrent_thread_unsteered(llama):
+    from steerlab import no_steering
+
+    lm = llama
+    ids = torch.tensor([prompt_ids(lm)[0]])
+    plain = lm.model(ids).logits
+    got = {}
+    with steer(lm.model, random_vector(lm, [1]), policy="all"):
+
+        def work():
+            with no_steering():
+                got["logits"] = lm.model(ids).logits
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join()
+    assert torch.equal(got["logits"], plain)

@@ -209,3 +209,49 @@ def test_nan_in_a_vector_file_is_a_clear_error(llama, tmp_path):
         SteerlabError, match="holds an invalid vector: direction for layer 1 contains NaN"
     ):
         load_vector(path)
+
+
+def test_corrupt_files_are_one_line_errors(llama, tmp_path):
+    """A tensor named foo, null or wrong metadata fields, a GGUF with broken or partial JSON."""
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    from steerlab.formats.gguf import export_gguf
+
+    good = random_vector(llama, [1])
+    meta = good.metadata()
+    cases = {
+        "foo.safetensors": ({"foo": torch.zeros(32)}, {"steerlab": _json.dumps(meta)}),
+        "broken.safetensors": ({"layer.1": torch.zeros(32)}, {"steerlab": "{not json"}),
+        "nokeys.safetensors": ({"layer.1": torch.zeros(32)}, {"steerlab": "{}"}),
+        "badmodel.safetensors": (
+            {"layer.1": torch.zeros(32)},
+            {"steerlab": _json.dumps({**meta, "model": "x"})},
+        ),
+    }
+    for name, (tensors, header) in cases.items():
+        save_file(tensors, str(tmp_path / name), metadata=header)
+        with pytest.raises(SteerlabError) as info:
+            load_vector(tmp_path / name)
+        assert "\n" not in str(info.value) and name in str(info.value)
+    nulls = tmp_path / "nulls.safetensors"
+    save_file(
+        {"layer.1": torch.zeros(32)},
+        str(nulls),
+        metadata={"steerlab": _json.dumps({**meta, "residual_norms": None, "notes": None})},
+    )
+    assert load_vector(nulls).residual_norms == {}  # null means none recorded
+    path = export_gguf(good, tmp_path / "v.gguf")
+    raw = path.read_bytes()
+    text = _json.dumps(meta, sort_keys=True).encode()
+    for replacement, message in (
+        (b"{" + b" " * (len(text) - 2) + b"}", "broken steerlab metadata"),
+        (b"[" + b" " * (len(text) - 2) + b"]", "broken steerlab metadata"),
+        (b"{oops" + b" " * (len(text) - 5), "not JSON"),
+    ):
+        bad = tmp_path / "bad.gguf"
+        bad.write_bytes(raw.replace(text, replacement))
+        with pytest.raises(SteerlabError, match=message) as info:
+            load_vector(bad)
+        assert "\n" not in str(info.value)

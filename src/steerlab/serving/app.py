@@ -258,7 +258,7 @@ def create_app(
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         job.cancelled.set()
-                        raise asyncio.CancelledError from None
+                        raise _ClientGone from None
                     if time.monotonic() > deadline + 1.0:
                         job.cancelled.set()
                         raise ApiError(
@@ -291,6 +291,8 @@ def create_app(
                 async for delta, finish in tokens():
                     parts.append(delta)
                     reason = finish or reason
+            except _ClientGone:
+                return JSONResponse({}, status_code=499)  # nobody is left to read it
             finally:
                 job.cancelled.set()  # a no-op when it finished; frees the row when not
             text = "".join(parts)
@@ -321,6 +323,8 @@ def create_app(
                 yield "data: [DONE]\n\n"
             except ApiError as exc:
                 yield _sse(exc.body())
+            except _ClientGone:
+                return
             finally:
                 job.cancelled.set()
 
@@ -335,6 +339,10 @@ def create_app(
         return await _complete(request, chat=False)
 
     return Guard(app, security, limits.max_body_bytes)
+
+
+class _ClientGone(Exception):  # noqa: N818
+    """The client closed the connection: its job is cancelled and nothing is sent."""
 
 
 def _sse(payload: dict[str, Any]) -> str:

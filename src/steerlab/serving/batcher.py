@@ -93,11 +93,20 @@ class Batcher:
             QueueFull: ``max_queue`` jobs are waiting already.
         """
         if self.jobs.qsize() >= self.max_queue:
+            self._purge()
+        if self.jobs.qsize() >= self.max_queue:
             raise QueueFull
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
             raise QueueFull from None
+
+    def _purge(self) -> None:
+        """Drop cancelled jobs from the queue: a client that left holds no place in it."""
+        with self.jobs.mutex:
+            kept = [j for j in self.jobs.queue if j is None or not j.cancelled.is_set()]
+            self.jobs.queue.clear()
+            self.jobs.queue.extend(kept)
 
     @property
     def waiting(self) -> int:
