@@ -8,8 +8,8 @@ are handled) and asks the plan which steerings apply there. One forward hook per
 block then adds the plan's delta ``C @ W``.
 
 All state lives on the ``Steerer`` object of one call. Hooks are registered in
-``__enter__`` inside ``try`` and removed in ``finally``; a ``ContextVar`` makes them
-no-ops for forwards that belong to another thread's call. The decoding loop switches
+``__enter__`` inside ``try`` and removed in ``finally``. A ``ContextVar`` tells which
+call a thread's forwards belong to (docs/design.md, "Threads"). The decoding loop switches
 phases with :meth:`Steerer.logits_pass` and :meth:`Steerer.unsteered`.
 """
 
@@ -36,6 +36,7 @@ from steerlab.hf.layers import (
     find_layers,
     replace_block_output,
 )
+from steerlab.hf.positions import token_positions
 
 _ACTIVE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
     "steerlab_active", default=frozenset()
@@ -43,6 +44,24 @@ _ACTIVE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
 _OPTED_OUT: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "steerlab_opted_out", default=False
 )
+
+
+def follow_hooks_in_compiled_graphs() -> bool:
+    """Make torch.compile guard on module hooks, so compiled graphs follow steer() calls.
+
+    By default TorchDynamo does not notice hooks added or removed after a compile
+    (``skip_nnmodule_hook_guards``): a graph compiled unsteered would ignore the steering,
+    and one compiled inside steer() would keep steering after it. With the guard, adding or
+    removing steerlab's hooks makes the next call recompile or pick the matching graph.
+
+    Returns:
+        Whether the guard was off until now (graphs compiled before may ignore hooks).
+    """
+    import torch._dynamo.config as dynamo
+
+    was_off = bool(dynamo.skip_nnmodule_hook_guards)
+    dynamo.skip_nnmodule_hook_guards = False
+    return was_off
 
 
 @contextmanager
@@ -95,6 +114,12 @@ class Steerer:
             raise SteerlabError("policy from-marker needs the tokenizer: pass tokenizer=")
         self.plan.check_layers(self.layer_map.num_layers)
         self.plan.check_finite(embedding_weight(model).dtype)
+        if follow_hooks_in_compiled_graphs() and hasattr(model, "_compiled_call"):
+            raise SteerlabError(
+                "this model's forward was compiled before steerlab could make compiled graphs "
+                "follow hooks, so steering would be silently lost: call torch._dynamo.reset() "
+                "(or load the model with steerlab.load_model) before steering"
+            )
         self.tokenizer = tokenizer
         self.fixed_lengths = None if prompt_lengths is None else [int(p) for p in prompt_lengths]
         self._steer_newest = False  # inside logits_pass()
@@ -204,18 +229,10 @@ class Steerer:
         if x is None:
             raise SteerlabError("steerlab needs input_ids or inputs_embeds in the forward call")
         batch, cur = int(x.shape[0]), int(x.shape[1])
-        mask = kwargs.get("attention_mask")
         device = x.device
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            past = int(mask.shape[1]) - cur
-            counts = mask.long().cumsum(-1)  # [batch, past + cur]
-            t = counts[:, past:] - 1  # position relative to the row's first real token
-            real = mask[:, past:].bool()
-        else:
-            past = _cache_length(kwargs)
-            t = torch.arange(past, past + cur, device=device).expand(batch, cur)
-            real = torch.ones(batch, cur, dtype=torch.bool, device=device)
-        if past == 0 and (self._bounds is None or self.fixed_lengths is None):
+        compiling = torch.compiler.is_compiling()
+        t, real, prefill = token_positions(kwargs, batch, cur, device, compiling)
+        if prefill and (self._bounds is None or self.fixed_lengths is None):
             self._bounds = self._prefill(ids, real, batch)
         if self._bounds is None:
             raise SteerlabError(
@@ -234,13 +251,14 @@ class Steerer:
         coef = self.plan.coefficients(
             self._bounds, row.expand(batch, cur), t, real, newest, self._steer_newest
         )  # [batch, cur, A]
-        any_on = bool(coef.any())
+        # Host syncs only outside compiled graphs: there every forward takes the masked add.
+        any_on = True if compiling else bool(coef.any())
         self._forward = {
             "coef": coef,
             "on": coef.any(-1, keepdim=True),  # [batch, cur, 1]: tokens some steering covers
             "t": t,
             "any": any_on,
-            "all": any_on and bool(coef.all()),
+            "all": False if compiling else any_on and bool(coef.all()),
             "cast": {},
         }
 
@@ -300,20 +318,6 @@ def _coef_on(state: dict[str, Any], device: torch.device, dtype: torch.dtype) ->
     if key not in cast:
         cast[key] = state["coef"].to(device=device, dtype=dtype)
     return cast[key]
-
-
-def _cache_length(kwargs: dict[str, Any]) -> int:
-    position = kwargs.get("cache_position")
-    if isinstance(position, torch.Tensor) and position.numel():
-        return int(position.reshape(-1)[0])
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
-        return int(cache[0][0].shape[-2])
-    return 0
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from steerlab.core.steering import Steering
 from steerlab.core.vector import ModelIdentity
 from steerlab.hf.convert import convert_gguf, quiet
 from steerlab.hf.decoding import decode
+from steerlab.hf.hooks import follow_hooks_in_compiled_graphs
 from steerlab.hf.layers import LayerMap, embedding_weight, find_layers, input_device
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -288,6 +289,7 @@ def describe(
 ) -> LoadedModel:
     """Wrap an already-loaded model (e.g. a tiny test model) like :func:`load_model` does."""
     ensure_pad_token(tokenizer)
+    follow_hooks_in_compiled_graphs()  # before anything compiles this model
     layer_map = find_layers(model, layers_path)
     embed = embedding_weight(model)
     info = ModelInfo(

@@ -15,14 +15,11 @@ or not, frees its row at the next token. :class:`Guard` refuses foreign ``Host``
 # No `from __future__ import annotations`: FastAPI resolves the endpoints' annotations
 # (Request) at runtime from this module's and create_app's namespaces.
 import asyncio
-import hmac
-import ipaddress
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ from steerlab.core.engine import Engine
 from steerlab.core.errors import SteerlabError
 from steerlab.core.vector import SteeringVector
 from steerlab.serving.batcher import Job, QueueFull
+from steerlab.serving.guard import Guard, Security, is_loopback
 from steerlab.serving.service import (
     ApiError,
     Limits,
@@ -39,121 +37,18 @@ from steerlab.serving.service import (
     parse_body,
 )
 
-__all__ = ["ApiError", "Limits", "Security", "Service", "create_app", "load_vectors", "serve"]
-
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 _POLL = 0.25  # seconds between disconnect checks while a non-streaming request waits
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Security:
-    """Who may use the server.
-
-    Attributes:
-        api_key: when set, every ``/v1`` request needs ``Authorization: Bearer <key>``.
-        allowed_hosts: ``Host`` header names accepted (``*`` accepts any); loopback names
-            by default, which defeats DNS rebinding.
-        expose_metadata: ``/v1/vectors`` shows full metadata (dataset paths, notes).
-    """
-
-    api_key: str | None = None
-    allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES
-    expose_metadata: bool = False
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a bind address or host name stays on this machine."""
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _host_name(value: str) -> str:
-    value = value.strip().lower()
-    if value.startswith("["):  # [::1]:8000
-        return value[1 : value.find("]")] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
-
-
-@dataclass
-class Guard:
-    """ASGI middleware: Host/Origin allow-list, API key, JSON-only bodies, body size."""
-
-    app: Any
-    security: Security
-    max_body_bytes: int
-    _hosts: frozenset[str] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._hosts = frozenset(h.lower() for h in self.security.allowed_hosts)
-
-    def _allowed(self, name: str) -> bool:
-        return "*" in self._hosts or name in self._hosts
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        problem = self._check(scope, headers)
-        if problem is not None:
-            await _send_error(send, problem)
-            return
-        await self.app(scope, receive, send)
-
-    def _check(self, scope: Scope, headers: dict[str, str]) -> ApiError | None:
-        if not self._allowed(_host_name(headers.get("host", ""))):
-            return ApiError(
-                421,
-                "this server does not answer for that Host name: start it with --allow-host",
-                kind="invalid_request_error",
-            )
-        origin = headers.get("origin")
-        if origin and origin != "null":
-            name = _host_name(origin.split("://", 1)[-1].split("/", 1)[0])
-            if not self._allowed(name):
-                return ApiError(403, "cross-origin requests are not allowed", kind="forbidden")
-        path = str(scope.get("path", ""))
-        key = self.security.api_key
-        if key and path.startswith("/v1"):
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return ApiError(
-                    401,
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                    kind="authentication_error",
-                )
-        if scope.get("method") == "POST":
-            kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-            if kind != "application/json":
-                return ApiError(
-                    415, "the request body must be JSON (Content-Type: application/json)"
-                )
-            length = headers.get("content-length", "0")
-            if not length.isdigit() or int(length) > self.max_body_bytes:
-                return ApiError(
-                    413,
-                    f"the request body is over this server's limit of {self.max_body_bytes} bytes",
-                )
-        return None
-
-
-async def _send_error(send: Send, error: ApiError) -> None:
-    payload = json.dumps(error.body()).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-    ]
-    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
+__all__ = [
+    "ApiError",
+    "Limits",
+    "Security",
+    "Service",
+    "create_app",
+    "is_loopback",
+    "load_vectors",
+    "serve",
+]
 
 
 def create_app(
