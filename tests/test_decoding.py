@@ -141,3 +141,44 @@ def test_cuda_half_precision(dtype):
     ids, mask = pad_batch([seq], 0)
     out = decode(lm.model, ids, mask, [s], Sampling(4, stop_at_eos=False), layer_map=lm.layers)
     assert out.tokens.shape == (1, 4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "opt"])
+def test_transient_shares_the_blocks_below_its_layer(arch):
+    """The cheaper loop: blocks up to the lowest transient layer run once per token, the ones
+    above twice, and the numbers equal the plain two-pass loop exactly."""
+    lm = tiny.model(arch)
+    seqs = prompt_ids(lm)
+    ids, mask = pad_batch(seqs, 0)
+    rows = [
+        [Steering(random_vector(lm, [2], seed=5), 4.0, policy=Policy("transient"))],
+        [Steering(random_vector(lm, [1], seed=6), 2.0)],  # persisting, in the same batch
+        [
+            Steering(random_vector(lm, [2, 3], seed=7), -3.0, policy=Policy("transient")),
+            Steering(random_vector(lm, [1], seed=8), 1.5, policy=Policy("all")),
+        ],
+    ]
+    calls = {0: 0, 3: 0}
+
+    def count(i):
+        def hook(module, args, output):
+            calls[i] += 1
+
+        return hook
+
+    # A child of the block runs only when the block computes (a replayed block does not).
+    handles = [
+        next(lm.layers.blocks[i].children()).register_forward_hook(count(i)) for i in calls
+    ]
+    try:
+        shared = decode(lm.model, ids, mask, rows, GREEDY, layer_map=lm.layers, return_logits=True)
+    finally:
+        for h in handles:
+            h.remove()
+    plain = decode(
+        lm.model, ids, mask, rows, GREEDY, layer_map=lm.layers, return_logits=True, share=False
+    )
+    assert torch.equal(shared.tokens, plain.tokens)
+    torch.testing.assert_close(shared.logits, plain.logits, atol=1e-5, rtol=0)
+    # block 0 (below layer 2) computes once per token, block 3 (above it) twice per step
+    assert calls[0] <= STEPS + 2 and calls[3] >= 2 * (STEPS - 1), calls

@@ -100,6 +100,14 @@ class SteeringPlan:
         return any(not s.policy.persisting for s in self.apps)
 
     @property
+    def lowest_transient_layer(self) -> int:
+        """The lowest layer a newest-only (transient) steering adds to."""
+        layers = [layer for s in self.apps if not s.policy.persisting for layer in s.steered_layers]
+        if not layers:
+            raise SteerlabError("no transient steering in this plan")
+        return min(layers)
+
+    @property
     def persisting(self) -> bool:
         """Whether some steering persists in the KV cache."""
         return any(s.policy.persisting for s in self.apps)

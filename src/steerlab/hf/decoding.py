@@ -24,6 +24,7 @@ from steerlab.core.sampling import Sampling
 from steerlab.core.steering import Steering
 from steerlab.hf.hooks import Steerer
 from steerlab.hf.layers import LayerMap, input_device
+from steerlab.hf.transient import can_share, shared_step
 
 if TYPE_CHECKING:
     from steerlab.hf.model import LoadedModel
@@ -48,6 +49,10 @@ def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache: Any
     return model(
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs
     )
+
+
+def _step_forward(module: nn.Module, cache: Any, *, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    return _forward(module, ids, mask, cache)
 
 
 def _cache_of(out: Any) -> Any:
@@ -101,6 +106,7 @@ def decode(
     return_logits: bool = False,
     track_unsteered: bool = False,
     on_step: OnStep | None = None,
+    share: bool = True,
 ) -> Decoded:
     """Generate from a left-padded batch with steering.
 
@@ -120,6 +126,9 @@ def decode(
             for rows that are done) and the rows that are done ``[batch]``. Returning True
             stops decoding; returning per-row flags ``[batch]`` finishes those rows (used
             by the server for per-request lengths and cancellation).
+        share: run ``transient`` steps at their physical cost (the blocks up to the
+            lowest transient layer once; :mod:`steerlab.hf.transient`). False runs the plain
+            two full passes per token; both give the same numbers.
 
     Rows leave the batch as soon as they finish (EOS, or flagged by ``on_step``): they cost
     no more compute, and no row runs past its own length.
@@ -165,7 +174,17 @@ def decode(
             step_ids = ids
         for step in range(sampling.max_new_tokens):
             plain_logits: torch.Tensor | None = None
-            if transient:
+            if transient and cache is not None and share and can_share(cache):
+                logits, plain_logits, cache = shared_step(
+                    steerer,
+                    functools.partial(_step_forward, ids=step_ids, mask=mask),
+                    model,
+                    body,
+                    cache,
+                    step_ids.shape[1],
+                    track_unsteered and not persisting,
+                )
+            elif transient:
                 backup = None
                 if cache is not None and not _can_crop(cache):
                     backup = copy.deepcopy(cache)
