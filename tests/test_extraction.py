@@ -58,6 +58,20 @@ def test_batch_size_1_equals_32(arch, side, ab_dataset, pairs_dataset):
             assert many.residual_norms[layer] == pytest.approx(one.residual_norms[layer], rel=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_shared_prefix_and_plain_batches_read_the_same_vector(arch, ab_dataset, pairs_dataset):
+    """The CPU strategy (shared prompt prefix through the cache) and the accelerator one (one
+    plain padded forward per batch) give the same vector."""
+    lm = tiny.model(arch)
+    for data in (ab_dataset, pairs_dataset):
+        shared = extract(lm, data, "all", batch_size=8, share_prefix=True)
+        plain = extract(lm, data, "all", batch_size=8, share_prefix=False)
+        for layer in shared.layers:
+            torch.testing.assert_close(
+                plain.directions[layer], shared.directions[layer], atol=1e-5, rtol=1e-5
+            )
+
+
 def test_matches_independent_unbatched_mean_difference(ab_dataset):
     lm = tiny.model("llama")
     vec = extract(lm, ab_dataset, [0, 2], batch_size=8)

@@ -80,8 +80,10 @@ class _Reader:
             hidden = block_output(output).float()  # [n, seq, d]
             if self.repeat > 1:
                 hidden = hidden.repeat_interleave(self.repeat, dim=0)  # [n * repeat, seq, d]
-            w = self.weights.to(hidden.device)
-            self.captured[layer] = torch.einsum("ns,nsd->nd", w, hidden).cpu()
+            if self.weights.device != hidden.device:  # once per batch, not once per layer
+                self.weights = self.weights.to(hidden.device)
+            w = self.weights
+            self.captured[layer] = torch.einsum("ns,nsd->nd", w, hidden)  # [n, d], on device
             if layer == self.top:
                 raise _Stop
 
@@ -93,7 +95,8 @@ class _Reader:
         self.captured.clear()
         with contextlib.suppress(_Stop):
             self.layer_map.base(**kwargs)
-        return torch.stack([self.captured[layer] for layer in self.layers], dim=1)
+        # One copy to the host per batch, not one per layer.
+        return torch.stack([self.captured[layer] for layer in self.layers], dim=1).cpu()
 
 
 @torch.no_grad()
