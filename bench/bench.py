@@ -155,9 +155,8 @@ def generation(lm: Any) -> dict[str, Any]:
     import steering_vectors as sv
 
     from steerlab import Sampling, Steering, decode, steer
-    from steerlab.core.prompts import pad_batch
+    from steerlab.core.prompts import encode_prompts, pad_batch
     from steerlab.core.vector import SteeringVector
-    from steerlab.core.prompts import encode_prompts
 
     model, tok = lm.model, lm.tokenizer
     direction = torch.randn(lm.info.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.5
@@ -258,6 +257,72 @@ def generation(lm: Any) -> dict[str, Any]:
     return out
 
 
+def compiled(lm: Any) -> dict[str, Any]:
+    """Compiled static-cache generate (the CUDA default, forced on the CPU), unsteered vs
+    steered after-prompt, batch 1; compile time is excluded (one warm-up call each)."""
+    from transformers import CompileConfig
+
+    from steerlab import steer
+    from steerlab.core.prompts import encode_prompts
+    from steerlab.core.vector import SteeringVector
+
+    config = CompileConfig()
+    config._compile_all_devices = True
+    tokens = 48
+    ids, mask = encode_prompts(lm.tokenizer, PROMPTS[:1])
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+        pad_token_id=lm.tokenizer.pad_token_id,
+        cache_implementation="static",
+        compile_config=config,
+    )
+    direction = torch.randn(lm.info.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.5
+    vec = SteeringVector({LAYER: direction}, lm.identity)
+    start = time.perf_counter()
+    plain_out = lm.model.generate(**kwargs)
+    compile_plain = time.perf_counter() - start
+    with steer(lm.model, vec, multiplier=2.0):
+        start = time.perf_counter()
+        steered_out = lm.model.generate(**kwargs)
+        compile_steered = time.perf_counter() - start
+    from steerlab import Sampling, Steering, decode
+
+    exact = decode(
+        lm.model,
+        ids,
+        mask,
+        [Steering(vec, 2.0)],
+        Sampling(tokens, stop_at_eos=False),
+        layer_map=lm.layers,
+    ).tokens
+    agree = float((steered_out[:, ids.shape[1] :] == exact).float().mean())
+
+    def plain() -> None:
+        lm.model.generate(**kwargs)
+
+    def steered() -> None:
+        with steer(lm.model, vec, multiplier=2.0):
+            lm.model.generate(**kwargs)
+
+    times = interleaved(
+        {"compiled static, unsteered": plain, "compiled static + steerlab after-prompt": steered},
+        REPEATS + 1,
+    )
+    out = {name: tokens / t for name, t in times.items()}
+    out.update(
+        first_call_unsteered_s=compile_plain,
+        first_call_steered_s=compile_steered,
+        agreement_with_decode=agree,
+        unsteered_changed=bool(not torch.equal(plain_out, steered_out)),
+    )
+    print("compiled", out, flush=True)
+    return out
+
+
 SCALING_CHILD = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads(int(sys.argv[2]))
@@ -352,6 +417,7 @@ def main() -> None:
     lm = load()
     results["extraction"] = extraction(lm)
     results["generation"] = generation(lm)
+    results["compiled"] = compiled(lm)
     results["scaling"] = scaling()
     results["model_load"] = model_load()
     out = ROOT / "bench" / "results"

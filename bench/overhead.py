@@ -18,8 +18,8 @@ import torch
 
 from bench import PROMPTS  # bench/ is on sys.path when run as a script
 from steerlab import Sampling, Steering, decode, load_model
-from steerlab.core.vector import SteeringVector
 from steerlab.core.prompts import encode_prompts
+from steerlab.core.vector import SteeringVector
 from steerlab.hf.hooks import Steerer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,6 +8,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+LAYER, LAYERS = 10, 30  # the steered layer of bench.py and SmolLM2's depth
+
+
 def main() -> None:
     r = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
     m = r["machine"]
@@ -68,9 +71,27 @@ def main() -> None:
         lines.append(
             f"after-prompt / unsteered: **{rows['HF generate + steerlab after-prompt'] / hf:.3f}** (HF generate)"
             + (f", **{in_loop / loop:.3f}** (steerlab loop)" if in_loop else "")
-            + f"; transient time per token / unsteered (steerlab loop): **{loop / rows['steerlab loop, transient']:.2f}×**"
+            + f"; transient time per token / unsteered (steerlab loop): **{loop / rows['steerlab loop, transient']:.2f}×** "
+            + f"(physical limit for layer {LAYER} of {LAYERS}: {1 + (LAYERS - LAYER - 1) / LAYERS:.2f}×, target ≤ {1 + (LAYERS - LAYER - 1) / LAYERS + 0.15:.2f}×)"
         )
         lines.append("")
+    comp = r.get("compiled")
+    if comp:
+        u, st = comp["compiled static, unsteered"], comp["compiled static + steerlab after-prompt"]
+        lines += [
+            "**compiled static-cache `generate`** (transformers' CUDA default, forced on the CPU with "
+            "`CompileConfig._compile_all_devices`; batch 1, 48 tokens, one warm-up call each excluded)",
+            "",
+            "| run | tokens/s | vs unsteered |",
+            "|---|---|---|",
+            f"| compiled static, unsteered | {u:.1f} | 1.000 |",
+            f"| compiled static + steerlab after-prompt | {st:.1f} | {st / u:.3f} |",
+            "",
+            f"steered / unsteered: **{st / u:.3f}** (target ≥ 0.95); steered tokens equal steerlab's exact `decode`: "
+            f"**{100 * comp['agreement_with_decode']:.0f}%**; first calls (compiling): {comp['first_call_unsteered_s']:.0f} s "
+            f"unsteered, {comp['first_call_steered_s']:.0f} s steered (a steer() block recompiles the graphs its hooks touch once).",
+            "",
+        ]
     lines += [
         "Generation speed against the number of steered layers (steerlab loop, batch 1, 32 tokens, after-prompt):",
         "",
@@ -126,8 +147,9 @@ def main() -> None:
         "number of pairs: the mean-diff sums are [layers, d], and the scaling sizes cycle the same pairs so that "
         "only N changes. On an earlier run that drew 5,000 pairs from all seven A/B files, the longer questions "
         "raised the peak to 1.6 GB at batch 64; a lower --batch-size bounds it.",
-        "- `transient` costs two forward passes per token by definition (a steered pass for the logits, an unsteered "
-        "pass for the cache); the second skips the LM head.",
+        "- `transient` runs the blocks up to its lowest steered layer once per token and the blocks above it twice "
+        "(an unsteered pass whose keys and values persist, then a steered pass for the logits that replays the "
+        "shared blocks), so its cost is about 1 + (L - l - 1)/L forwards per token.",
         "- steerlab's extraction speed comes from stopping the forward after the highest requested block, running "
         "each pair's shared prompt once through the KV cache (its two completions then share it), sorting by "
         "length, and one batched pass for all layers.",

