@@ -167,9 +167,7 @@ def test_transient_shares_the_blocks_below_its_layer(arch):
         return hook
 
     # A child of the block runs only when the block computes (a replayed block does not).
-    handles = [
-        next(lm.layers.blocks[i].children()).register_forward_hook(count(i)) for i in calls
-    ]
+    handles = [next(lm.layers.blocks[i].children()).register_forward_hook(count(i)) for i in calls]
     try:
         shared = decode(lm.model, ids, mask, rows, GREEDY, layer_map=lm.layers, return_logits=True)
     finally:

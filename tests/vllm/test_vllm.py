@@ -11,7 +11,9 @@ import os
 import pytest
 import torch
 
-vllm = pytest.importorskip("vllm", reason="vLLM is not installed here (make test builds .venv-vllm)")
+vllm = pytest.importorskip(
+    "vllm", reason="vLLM is not installed here (make test builds .venv-vllm)"
+)
 
 from steerlab import Sampling, Steering, SteeringVector, decode, load_model, save_vector  # noqa: E402
 from steerlab.core.policy import Policy  # noqa: E402
@@ -37,8 +39,12 @@ def setup(tmp_path_factory):
     gen = torch.Generator().manual_seed(0)
     folder = tmp_path_factory.mktemp("vectors")
     vecs = {
-        "joy": SteeringVector({k: torch.randn(d, generator=gen) * 0.6 for k in (9, 12)}, lm.identity),
-        "calm": SteeringVector({k: torch.randn(d, generator=gen) * 0.6 for k in (5, 9, 20)}, lm.identity),
+        "joy": SteeringVector(
+            {k: torch.randn(d, generator=gen) * 0.6 for k in (9, 12)}, lm.identity
+        ),
+        "calm": SteeringVector(
+            {k: torch.randn(d, generator=gen) * 0.6 for k in (5, 9, 20)}, lm.identity
+        ),
         "front": SteeringVector({9: torch.randn(3, d, generator=gen) * 0.6}, lm.identity),
     }
     for name, vec in vecs.items():
@@ -66,8 +72,12 @@ def _vllm(llm, prompts, entries_per_row, salt=None):
     from vllm import SamplingParams, TokensPrompt
 
     params = [
-        SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True,
-                       extra_args=extra_args(e) if e else None)
+        SamplingParams(
+            max_tokens=TOKENS,
+            temperature=0.0,
+            ignore_eos=True,
+            extra_args=extra_args(e) if e else None,
+        )
         for e in entries_per_row
     ]
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
@@ -78,15 +88,27 @@ def _vllm(llm, prompts, entries_per_row, salt=None):
 def _hf(lm, vecs, prompts, entries_per_row):
     rows = []
     for entries in entries_per_row:
-        rows.append([
-            Steering(vecs[e["vector"]], e.get("multiplier", 1.0),
-                     None if e.get("layers") is None else tuple(e["layers"]),
-                     Policy.parse(e.get("policy", "after-prompt")))
-            for e in entries
-        ])
+        rows.append(
+            [
+                Steering(
+                    vecs[e["vector"]],
+                    e.get("multiplier", 1.0),
+                    None if e.get("layers") is None else tuple(e["layers"]),
+                    Policy.parse(e.get("policy", "after-prompt")),
+                )
+                for e in entries
+            ]
+        )
     ids, mask = left_padded(lm.tokenizer, prompts)
-    out = decode(lm.model, ids, mask, rows, Sampling(TOKENS, stop_at_eos=False),
-                 layer_map=lm.layers, tokenizer=lm.tokenizer)
+    out = decode(
+        lm.model,
+        ids,
+        mask,
+        rows,
+        Sampling(TOKENS, stop_at_eos=False),
+        layer_map=lm.layers,
+        tokenizer=lm.tokenizer,
+    )
     return out.tokens.tolist()
 
 
@@ -120,8 +142,10 @@ def test_concurrent_mixed_requests_equal_each_alone(setup):
         [{"vector": "joy", "multiplier": 2.0, "layers": [12], "policy": "window:1-5"}],
         [{"vector": "front", "multiplier": 5.0, "policy": "actadd"}],
         [],
-        [{"vector": "calm", "multiplier": 6.0, "policy": "prompt"},
-         {"vector": "joy", "multiplier": -2.0}],
+        [
+            {"vector": "calm", "multiplier": 6.0, "policy": "prompt"},
+            {"vector": "joy", "multiplier": -2.0},
+        ],
         [{"vector": "joy", "multiplier": 8.0, "layers": [9]}],
     ]
     prompts = [ids[i % len(ids)] for i in range(len(mixes))]

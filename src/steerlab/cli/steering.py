@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -44,6 +45,7 @@ def generate(
         "absolute", "--scale", help="absolute, or relative to the stored residual norm."
     ),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n"),
+    engine: str = typer.Option("hf", "--engine", help="hf (Hugging Face) or vllm."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, "--seed"),
@@ -59,17 +61,21 @@ def generate(
     dtype: str | None = DtypeOpt,
 ) -> None:
     """Print the unsteered and steered completions of a prompt side by side."""
+    from steerlab.core.engine import generate_multipliers
     from steerlab.core.prompts import render
     from steerlab.core.sampling import Sampling
-    from steerlab.hf.decoding import generate_multipliers
 
     Policy.parse(policy)  # a bad policy fails before the model loads
+    check_engine(engine)
 
     sampling = Sampling(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
-    lm = load(model, device, dtype)
-    steerings = steerings_of(vector, layer, policy, scale, lm, allow_model_mismatch)
+    if engine == "vllm":
+        lm, steerings = _vllm_single(model, vector, layer, policy, scale)
+    else:
+        lm = load(model, device, dtype)
+        steerings = steerings_of(vector, layer, policy, scale, lm, allow_model_mismatch)
     text = render(lm.tokenizer, prompt, system=system, chat=chat).text
     check_marker(steerings[0].policy, text)
     results = generate_multipliers(
@@ -94,6 +100,30 @@ def generate(
         for title, (_, text) in zip(titles, results, strict=True):
             out.rule(title)
             out.print(text)
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ("hf", "vllm"):
+        raise SteerlabError(f"unknown engine '{engine}': use hf or vllm")
+
+
+def _vllm_single(model: str, vector: Path, layer: str | None, policy: str, scale: str) -> Any:
+    """The vLLM engine with one vector registered (a folder holding a link to the file)."""
+    import tempfile
+
+    from steerlab.core.steering import Steering
+    from steerlab.formats import load_vector
+    from steerlab.hf.layers import resolve_layers
+    from steerlab.vllm.engine import VllmEngine
+
+    load_vector(vector)  # a bad file fails before the engine starts
+    folder = Path(tempfile.mkdtemp(prefix="steerlab-vectors-"))
+    (folder / f"v{vector.suffix.lower()}").symlink_to(vector.resolve())
+    with err.status(f"starting vLLM with {model}"):
+        lm = VllmEngine(model, folder)
+    vec = lm.vectors["v"]
+    chosen = None if layer is None else tuple(resolve_layers(layer, lm.identity.num_layers))
+    return lm, [Steering(vec, 1.0, chosen, policy, scale)]  # type: ignore[arg-type]
 
 
 @app.command()
@@ -131,6 +161,9 @@ def serve(
         300.0, "--request-timeout", help="Seconds a request may take, queueing included (504)."
     ),
     allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch"),
+    engine: str = typer.Option(
+        "hf", "--engine", help="hf (Hugging Face) or vllm (continuous batching, eager)."
+    ),
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
 ) -> None:
@@ -164,8 +197,16 @@ def serve(
             f"binding to {host} without an API key: anyone who can reach this machine can use "
             "the server; pass --api-key (or set STEERLAB_API_KEY)"
         )
-    lm = load(model, device, dtype)
-    registry = load_vectors(vectors, lm, allow_model_mismatch, warn=warn)
+    check_engine(engine)
+    if engine == "vllm":
+        from steerlab.vllm.engine import VllmEngine
+
+        with err.status(f"starting vLLM with {model}"):
+            lm: Any = VllmEngine(model, vectors, max_model_len=max_tokens + 2048)
+        registry = lm.vectors
+    else:
+        lm = load(model, device, dtype)
+        registry = load_vectors(vectors, lm, allow_model_mismatch, warn=warn)
     err.print(
         f"{len(registry)} vectors: {', '.join(sorted(registry)) or 'none'}; playground at http://{host}:{port}/"
     )

@@ -55,3 +55,45 @@ class Engine(Protocol):
     ) -> Decoded:
         """Generate from unpadded prompt ids, one steering list per row."""
         ...
+
+
+def complete(
+    engine: Engine,
+    prompts: Sequence[Sequence[int]],
+    steering: Sequence[Sequence[Steering]],
+    sampling: Sampling,
+) -> list[str]:
+    """The decoded completions (special tokens skipped) of one batch, on any engine."""
+    out = engine.decode_batch(prompts, steering, sampling)
+    return [
+        engine.tokenizer.decode(out.tokens[r, : out.lengths[r]].tolist(), skip_special_tokens=True)
+        for r in range(len(prompts))
+    ]
+
+
+def generate_multipliers(
+    engine: Engine,
+    prompt: str,
+    steerings: Sequence[Steering],
+    multipliers: Sequence[float],
+    sampling: Sampling | None = None,
+    *,
+    chat: bool = True,
+    system: str | None = None,
+) -> list[tuple[float, str]]:
+    """One prompt, unsteered and at each multiplier, in one batch (one row per multiplier).
+
+    Args:
+        steerings: the steerings to apply; each row scales all of them by its multiplier.
+        multipliers: the values to try; 0 is the unsteered row.
+
+    Returns:
+        ``(multiplier, completion)`` pairs, the unsteered one first.
+    """
+    from steerlab.core.prompts import prompt_ids
+
+    values = [0.0] + [m for m in multipliers if m != 0.0]
+    rows = [[s.with_multiplier(s.multiplier * m) for s in steerings] for m in values]
+    ids = prompt_ids(engine.tokenizer, prompt, system=system, chat=chat)
+    texts = complete(engine, [ids] * len(values), rows, sampling or Sampling())
+    return list(zip(values, texts, strict=True))

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.core.dataset import load_dataset
+from steerlab.core.engine import generate_multipliers
 from steerlab.core.sampling import Sampling
 from steerlab.core.steering import Steering
 from steerlab.evaluation.judges import sentiment
 from steerlab.evaluation.policies import compare_policies
 from steerlab.evaluation.sweep import DEFAULT_PROMPTS, SweepConfig, run_sweep
 from steerlab.formats import load_vector
-from steerlab.hf.decoding import generate_multipliers
 from steerlab.hf.model import DEFAULT_MODEL, LoadedModel
 
 SHOWCASE_PROMPTS = (

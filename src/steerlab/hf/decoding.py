@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from steerlab.core.decoded import Decoded
-from steerlab.core.engine import OnStep
+from steerlab.core.engine import OnStep, generate_multipliers
 from steerlab.core.errors import SteerlabError
 from steerlab.core.prompts import encode_prompts
 from steerlab.core.sampling import Sampling
@@ -344,28 +344,3 @@ def generate(
         for r in range(len(prompts))
     ]
     return texts, result
-
-
-def generate_multipliers(
-    lm: LoadedModel,
-    prompt: str,
-    steerings: Sequence[Steering],
-    multipliers: Sequence[float],
-    sampling: Sampling | None = None,
-    *,
-    chat: bool = True,
-    system: str | None = None,
-) -> list[tuple[float, str]]:
-    """One prompt, unsteered and at each multiplier, in one batch (one row per multiplier).
-
-    Args:
-        steerings: the steerings to apply; each row scales all of them by its multiplier.
-        multipliers: the values to try; 0 is the unsteered row.
-
-    Returns:
-        ``(multiplier, completion)`` pairs, the unsteered one first.
-    """
-    values = [0.0] + [m for m in multipliers if m != 0.0]
-    rows = [[s.with_multiplier(s.multiplier * m) for s in steerings] for m in values]
-    texts, _ = generate(lm, [prompt] * len(values), rows, sampling, chat=chat, system=system)
-    return list(zip(values, texts, strict=True))

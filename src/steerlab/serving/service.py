@@ -267,6 +267,13 @@ class Service:
             )
         except SteerlabError as exc:
             raise ApiError(400, f"{where}: {exc}", where) from None
+        if not policy.persisting and not getattr(self.lm, "supports_transient", True):
+            raise ApiError(
+                400,
+                f"{where}: policy transient needs two passes per token, which this engine does "
+                "not run: use the Hugging Face engine",
+                f"{where}.policy",
+            )
         try:
             check_marker(policy, self.lm.tokenizer.decode(prompt_ids))
         except SteerlabError as exc:

@@ -11,6 +11,7 @@ Importing this package does not import vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -46,13 +47,15 @@ def model_dir(spec: str = "smollm2-135m") -> Path:
     config = json.loads((source / "config.json").read_text())
     config.setdefault("architectures", [_architecture(config.get("model_type", ""))])
     (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
-    try:
+    with contextlib.suppress(OSError):  # another process made it first
         tmp.rename(target)
-    except OSError:  # another process made it first
-        pass
     return target
 
 
 def _architecture(model_type: str) -> str:
-    names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    names = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+    }
     return names.get(model_type, "LlamaForCausalLM")

