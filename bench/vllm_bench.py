@@ -1,0 +1,123 @@
+"""vLLM (CPU build) with steerlab's plugin beside steerlab's Hugging Face engine, in one run.
+
+Run by `make bench` in .venv-vllm (it has vLLM, transformers 5.19 and steerlab). Default
+model, fp32, greedy, fixed length; unsteered vs steered (one layer; all layers), batch 1, 8
+and 32. Writes bench/results/vllm.json, which bench/report.py adds to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = int(os.environ.get("BENCH_VLLM_TOKENS", "32"))
+BATCHES = (1, 8, 32)
+LAYER = 10
+
+
+def main() -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    import torch
+
+    import steerlab
+    from steerlab import Sampling, Steering, SteeringVector, decode, save_vector
+    from steerlab.core.prompts import encode_prompts, prompt_ids
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    lm = steerlab.load_model("smollm2-135m", device="cpu", dtype="float32")
+    d, n_layers = lm.info.hidden_size, lm.info.num_layers
+    gen = torch.Generator().manual_seed(0)
+    folder = Path(tempfile.mkdtemp(prefix="bench-vectors-"))
+    one = SteeringVector({LAYER: torch.randn(d, generator=gen) * 0.5}, lm.identity)
+    every = SteeringVector(
+        {k: torch.randn(d, generator=gen) * 0.1 for k in range(n_layers)}, lm.identity
+    )
+    save_vector(one, folder / "one.safetensors")
+    save_vector(every, folder / "every.safetensors")
+    os.environ["STEERLAB_VECTORS"] = str(folder)
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    import steerlab.vllm
+
+    llm = LLM(
+        model=str(steerlab.vllm.model_dir()),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        max_num_seqs=32,
+        enable_prefix_caching=False,
+        seed=0,
+    )
+    texts = [f"Tell me fact number {i} about the sea." for i in range(32)]
+    ids = [prompt_ids(lm.tokenizer, t) for t in texts]
+    variants: dict[str, list[dict[str, Any]]] = {
+        "unsteered": [],
+        "steered, 1 layer": [{"vector": "one", "multiplier": 2.0, "layers": [LAYER]}],
+        f"steered, all {n_layers} layers": [{"vector": "every", "multiplier": 2.0}],
+    }
+    results: dict[str, Any] = {"tokens": TOKENS, "vllm": {}, "hf": {}}
+    for batch in BATCHES:
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in ids[:batch]]
+        row_v, row_h = {}, {}
+        for name, entries in variants.items():
+            params = SamplingParams(
+                max_tokens=TOKENS,
+                temperature=0,
+                ignore_eos=True,
+                extra_args=steerlab.vllm.extra_args(entries) if entries else None,
+            )
+            llm.generate(prompts, params, use_tqdm=False)  # warm-up
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                llm.generate(prompts, params, use_tqdm=False)
+                best = min(best, time.perf_counter() - start)
+            row_v[name] = batch * TOKENS / best
+            # steerlab's Hugging Face engine on the same prompts and steering
+            steer = (
+                []
+                if not entries
+                else [
+                    Steering(
+                        one if entries[0]["vector"] == "one" else every,
+                        2.0,
+                        tuple(entries[0].get("layers") or []) or None,
+                    )
+                ]
+            )
+            pids, mask = encode_prompts(lm.tokenizer, texts[:batch])
+            greedy = Sampling(TOKENS, stop_at_eos=False)
+            best = float("inf")
+            for _ in range(2):
+                start = time.perf_counter()
+                decode(lm.model, pids, mask, steer, greedy, layer_map=lm.layers)
+                best = min(best, time.perf_counter() - start)
+            row_h[name] = batch * TOKENS / best
+            print(
+                f"batch {batch} {name}: vLLM {row_v[name]:.1f} tok/s, HF {row_h[name]:.1f} tok/s",
+                flush=True,
+            )
+        results["vllm"][str(batch)] = row_v
+        results["hf"][str(batch)] = row_h
+    import transformers
+    import vllm
+
+    results["versions"] = {
+        "vllm": vllm.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+    }
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vllm.json").write_text(json.dumps(results, indent=2))
+    print("wrote", out / "vllm.json")
+
+
+if __name__ == "__main__":
+    main()
