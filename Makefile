@@ -47,7 +47,7 @@ test: lint $(VLLM_STAMP)
 	$(MAKE) test-vllm
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -m pytest tests/vllm
+	$(VLLM_VENV)/bin/python -m pytest tests/on_vllm
 
 bench: $(STAMP)
 	bash bench/run.sh

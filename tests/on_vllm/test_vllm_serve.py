@@ -134,3 +134,40 @@ def test_server_routes_steer_and_refuse_bad_input(vectors, route):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_generate_command_on_vllm_equals_the_hugging_face_engine(vectors):
+    def run(engine: str) -> dict:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "steerlab.cli",
+                "generate",
+                "Write a sentence about the ocean.",
+                "-v",
+                str(vectors / "joy.safetensors"),
+                "--layer",
+                "9",
+                "-x",
+                "8",
+                "-n",
+                "12",
+                "--dtype",
+                "float32",
+                "--engine",
+                engine,
+                "--json",
+            ],
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout)
+
+    on_vllm, on_hf = run("vllm"), run("hf")
+    texts = [c["text"] for c in on_vllm["completions"]]
+    assert len(texts) == 2 and texts[0] != texts[1]
+    assert on_vllm["completions"] == on_hf["completions"]
