@@ -102,4 +102,5 @@ def test_a_compiled_engine_is_refused(setup):
     env, prompts = setup
     result = _run({"enforce_eager": False}, [[prompts[0], STEERINGS[1]]], env)
     assert result.returncode != 0
-    assert "enforce-eager" in result.stderr or "enforce_eager" in result.stderr
+    said = result.stdout + result.stderr  # the engine core logs its failure to stdout
+    assert "steerlab steers vLLM in eager mode only" in said and "--enforce-eager" in said

@@ -165,7 +165,7 @@ def test_generate_command_on_vllm_equals_the_hugging_face_engine(vectors):
             timeout=600,
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        return json.loads(result.stdout)
+        return json.loads(result.stdout[result.stdout.index("{") :])
 
     on_vllm, on_hf = run("vllm"), run("hf")
     texts = [c["text"] for c in on_vllm["completions"]]

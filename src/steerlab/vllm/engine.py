@@ -46,6 +46,8 @@ class VllmEngine:
         dtype: str = "float32",
         max_num_seqs: int = 16,
     ) -> None:
+        # vLLM logs to stdout unless told not to configure logging: keep stdout for results.
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         try:
             import vllm
         except ImportError:

@@ -133,7 +133,19 @@ def _patch_runner() -> None:
 
     GPUModelRunner._model_forward = model_forward  # type: ignore[method-assign]
 
-    load = GPUModelRunner.load_model
+    runners: list[Any] = [GPUModelRunner]
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        runners.append(CPUModelRunner)  # it overrides load_model
+    except ImportError:
+        pass
+    for cls in runners:
+        _refuse_compiled(cls)
+
+
+def _refuse_compiled(cls: Any) -> None:
+    load = cls.load_model
 
     def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
         if vectors() and not self.model_config.enforce_eager:
@@ -145,7 +157,7 @@ def _patch_runner() -> None:
             )
         return load(self, *args, **kwargs)
 
-    GPUModelRunner.load_model = load_model  # type: ignore[method-assign]
+    cls.load_model = load_model
 
 
 class _Step:
