@@ -24,7 +24,7 @@ from steerlab.core.sampling import Sampling
 from steerlab.core.steering import Steering
 from steerlab.hf.hooks import Steerer
 from steerlab.hf.layers import LayerMap, input_device
-from steerlab.hf.transient import can_share, shared_step
+from steerlab.hf.transient import cache_of, can_share, shared_step
 
 if TYPE_CHECKING:
     from steerlab.hf.model import LoadedModel
@@ -53,11 +53,6 @@ def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache: Any
 
 def _step_forward(module: nn.Module, cache: Any, *, ids: torch.Tensor, mask: torch.Tensor) -> Any:
     return _forward(module, ids, mask, cache)
-
-
-def _cache_of(out: Any) -> Any:
-    cache = getattr(out, "past_key_values", None)
-    return cache if cache is not None else getattr(out, "cache", None)
 
 
 def _truncate(cache: Any, drop: int, backup: Any) -> Any:
@@ -168,7 +163,7 @@ def decode(
         if transient:
             # Prefill all but the newest prompt token; transient steering is off there.
             if ids.shape[1] > 1:
-                cache = _cache_of(_forward(body, ids[:, :-1], mask[:, :-1], None))
+                cache = cache_of(_forward(body, ids[:, :-1], mask[:, :-1], None))
             step_ids = ids[:, -1:]
         else:
             step_ids = ids
@@ -193,7 +188,7 @@ def decode(
                     out = _forward(model, step_ids, mask, cache)
                 logits = out.logits[:, -1, :].float()  # [rows, vocab]
                 if cache is not None:  # a one-token prompt has nothing cached to keep
-                    cache = _truncate(_cache_of(out), step_ids.shape[1], backup)
+                    cache = _truncate(cache_of(out), step_ids.shape[1], backup)
                 # Pass 2: the same token without transient steering; its keys/values persist.
                 # Only the cache is needed, so the LM head is skipped unless its logits
                 # serve as the unsteered reference.
@@ -202,15 +197,15 @@ def decode(
                     plain_logits = kept.logits[:, -1, :].float()
                 else:
                     kept = _forward(body, step_ids, mask, cache)
-                cache = _cache_of(kept)
+                cache = cache_of(kept)
             else:
                 out = _forward(model, step_ids, mask, cache)
-                cache = _cache_of(out)
+                cache = cache_of(out)
                 logits = out.logits[:, -1, :].float()
             if track_unsteered and plain_logits is None:
                 with steerer.unsteered():
                     ref = _forward(model, step_ids if step or not transient else ids, mask, shadow)
-                shadow = _cache_of(ref)
+                shadow = cache_of(ref)
                 plain_logits = ref.logits[:, -1, :].float()
             token = _pick(logits, sampling, generator)  # [rows]
             full = rec.step(active, token, logits, plain_logits)  # [batch], fill where done

@@ -84,7 +84,7 @@ def shared_step(
     finally:
         for handle in handles:
             handle.remove()
-    cache = _cache_of(kept)
+    cache = cache_of(kept)
     plain = kept.logits[:, -1, :].float() if plain_logits else None
     saved = [(layer.keys, layer.values) for layer in cache.layers]
     try:
@@ -102,6 +102,7 @@ def shared_step(
     return logits, plain, cache
 
 
-def _cache_of(out: Any) -> Any:
+def cache_of(out: Any) -> Any:
+    """The KV cache of a forward's output (``past_key_values`` in 4.x, ``cache`` in 5.x)."""
     cache = getattr(out, "past_key_values", None)
     return cache if cache is not None else getattr(out, "cache", None)

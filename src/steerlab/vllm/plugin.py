@@ -256,10 +256,11 @@ class _Step:
             delta = self.plan.delta(layer, coef, self.t, residual, all_on=False)
             if delta is None:
                 return None
-            steered = residual.clone()
             on = self.on.to(residual.device)
-            steered[:n] = torch.where(on, residual[:n] + delta, residual[:n])  # masked add
-            return hidden, steered
+            head = torch.where(on, residual[:n] + delta, residual[:n])  # a masked add
+            if n == residual.shape[0]:
+                return hidden, head
+            return hidden, torch.cat([head, residual[n:]])  # padded tokens stay as they are
 
         return hook
 
