@@ -42,7 +42,7 @@ def slow_server(tmp_path_factory):
     lm = tiny.model("llama")
     vdir = tmp_path_factory.mktemp("vectors")
     save_vector(random_vector(lm, [1, 2], seed=1, scale=2.0), vdir / "happy.safetensors")
-    handle = _slow(lm, 0.01)
+    handle = _slow(lm, 0.02)
     app = create_app(
         lm,
         load_vectors(vdir, lm),
@@ -69,7 +69,7 @@ def _abandon(base: str, body: dict, after: float) -> None:
 
 def test_1_abandoned_requests_stop_and_the_next_one_is_served_promptly(slow_server):
     baseline = _timed(slow_server, _body(max_tokens=4))
-    # Six clients give up on 200-token requests (about 2 s each if they ran on).
+    # Six clients give up on 200-token requests (about 4 s if they ran on).
     threads = [
         threading.Thread(target=_abandon, args=(slow_server, _body(max_tokens=200), 0.3))
         for _ in range(6)
@@ -80,7 +80,7 @@ def test_1_abandoned_requests_stop_and_the_next_one_is_served_promptly(slow_serv
         t.join()
     time.sleep(0.5)  # the server notices a closed connection within its poll interval
     after = _timed(slow_server, _body(max_tokens=4))
-    assert after < baseline + 1.2, (baseline, after)
+    assert after < baseline + 2.5, (baseline, after)  # a loaded CI machine needs slack
 
 
 def test_1_a_full_queue_answers_503_with_retry_after(slow_server):
