@@ -183,6 +183,9 @@ class _Step:
         real = torch.ones(n, dtype=torch.bool, device=device)
         self.coef = plan.coefficients(bounds, self.row, self.t, real)  # [n, A]
         self.on = self.coef.any(-1, keepdim=True)  # [n, 1]
+        # Every token covered by every steering (a decoding step of uniformly steered rows):
+        # a plain broadcast add per layer. Eager vLLM, so reading this back costs nothing.
+        self.all_on = n == positions.shape[0] and bool(self.coef.all())
         self._cast: dict[torch.dtype, torch.Tensor] = {}
 
     def _marker_at(self, row: int, steering: Steering) -> int:
@@ -253,9 +256,11 @@ class _Step:
             coef = self._cast.get(residual.dtype)
             if coef is None:
                 coef = self._cast[residual.dtype] = self.coef.to(residual.device, residual.dtype)
-            delta = self.plan.delta(layer, coef, self.t, residual, all_on=False)
+            delta = self.plan.delta(layer, coef, self.t, residual, all_on=self.all_on)
             if delta is None:
                 return None
+            if self.all_on:
+                return hidden, residual + delta
             on = self.on.to(residual.device)
             head = torch.where(on, residual[:n] + delta, residual[:n])  # a masked add
             if n == residual.shape[0]:
