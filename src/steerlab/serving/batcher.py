@@ -108,10 +108,6 @@ class Batcher:
             self.jobs.queue.clear()
             self.jobs.queue.extend(kept)
 
-    @property
-    def waiting(self) -> int:
-        return self.jobs.qsize()
-
     def close(self) -> None:
         self.jobs.put(None)
         self.thread.join(timeout=10)
