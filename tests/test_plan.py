@@ -46,12 +46,13 @@ def test_coefficients_on_flat_tokens_equal_the_policy_span(llama, policy):
             for i in range(len(t)):
                 r, pos = int(row[i]), int(t[i])
                 for a, s in enumerate(plan.apps):
-                    owner = plan.app_row[a]
+                    owners = plan.app_rows[a]
+                    mine = owners is not None and r in owners
                     span = s.span(prompts[r])
                     if span.newest_only:
-                        want = owner == r and logits_pass and bool(newest[i]) and pos >= span.lo
+                        want = mine and logits_pass and bool(newest[i]) and pos >= span.lo
                     else:
-                        want = owner == r and span.lo <= pos < span.hi
+                        want = mine and span.lo <= pos < span.hi
                     assert bool(coef[i, a]) == want, (policy, r, pos, a)
 
 
@@ -77,3 +78,20 @@ def test_multiplier_zero_is_dropped_and_layers_are_collected(llama):
     plan = SteeringPlan([make_steering(llama, "all", 0.0), make_steering(llama, "prompt")])
     assert len(plan.apps) == 1 and plan.layers == [1, 2] and plan.num_rows is None
     assert not plan.transient and plan.persisting
+
+
+def test_one_steering_on_several_rows_is_one_column(llama):
+    s, other = make_steering(llama, "all", 2.0), make_steering(llama, "all", -1.0)
+    plan = SteeringPlan([[s], [], [s, other], [s]])
+    assert plan.app_rows == [(0, 2, 3), (2,)]
+    uniform = SteeringPlan([[s], [s], [s]])
+    assert uniform.app_rows == [None] and uniform.num_rows == 3
+    twice = SteeringPlan([[s, s], [s]])  # the same steering twice in a row adds twice
+    assert twice.app_rows == [(0,), (0, 1)]
+    bounds = uniform.bounds([3, 4, 5])
+    row, t = torch.tensor([0, 1, 2]), torch.tensor([2, 3, 4])
+    coef = uniform.coefficients(bounds, row, t, torch.ones(3, dtype=torch.bool))
+    hidden = torch.zeros(3, llama.info.hidden_size)
+    delta = uniform.delta(1, coef.to(hidden.dtype), t, hidden, all_on=bool(coef.all()))
+    assert delta is not None and delta.shape == (llama.info.hidden_size,)  # a broadcast add
+    torch.testing.assert_close(delta, s.delta(1))

@@ -59,13 +59,28 @@ class SteeringPlan:
         #: rows the steerings were given for (None: the same steerings for every row)
         self.num_rows: int | None = len(row_lists) if per_row else None
         self.apps: list[Steering] = []
-        self.app_row: list[int | None] = []  # the row a steering belongs to (None: every row)
+        # The rows a steering applies to (None: every row). One Steering object given to
+        # several rows (a server's identical requests) is one column of C, so a uniformly
+        # steered batch is a plain broadcast add rather than a [tokens, rows] matmul.
+        self.app_rows: list[tuple[int, ...] | None] = []
+        column: dict[int, int] = {}  # id(steering) -> its column, per-row plans only
         for r, items in enumerate(row_lists):
             for s in items:
                 if s.multiplier == 0.0:
                     continue
+                a = column.get(id(s)) if per_row else None
+                if a is not None and r not in (self.app_rows[a] or ()):
+                    self.app_rows[a] = (*(self.app_rows[a] or ()), r)
+                    continue
+                column[id(s)] = len(self.apps)
                 self.apps.append(s)
-                self.app_row.append(r if per_row else None)
+                self.app_rows.append((r,) if per_row else None)
+        if (
+            per_row
+            and self.apps
+            and all(rows == tuple(range(len(row_lists))) for rows in self.app_rows)
+        ):
+            self.app_rows = [None] * len(self.apps)  # every row steered alike
         # Per layer: the columns of C it uses, their stacked vectors, and ActAdd matrices.
         self._cols: dict[int, list[int]] = {}
         self._w: dict[int, torch.Tensor] = {}  # [A_l, d] float32, CPU
@@ -159,8 +174,8 @@ class SteeringPlan:
         hi = torch.full((rows, n_apps), FAR, dtype=torch.long)
         newest = torch.zeros(n_apps, dtype=torch.bool)
         for a, s in enumerate(self.apps):
-            owner = self.app_row[a]
-            for r in range(rows) if owner is None else (owner,):
+            owners = self.app_rows[a]
+            for r in range(rows) if owners is None else owners:
                 marker = None
                 if s.policy.needs_marker:
                     if marker_at is None:

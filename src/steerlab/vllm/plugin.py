@@ -21,6 +21,7 @@ to run under a captured graph (start vLLM with ``enforce_eager=True``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -208,10 +209,9 @@ class _Step:
             state = runner.requests[req_id]
             cached = getattr(state, "_steerlab", None)
             if cached is None:
-                params = state.sampling_params
-                extra = getattr(params, "extra_args", None)
+                extra = getattr(state.sampling_params, "extra_args", None)
                 try:
-                    cached = requests.parse(extra, registry, _model_layers(runner))
+                    cached = _parsed(extra, registry, _model_layers(runner))
                 except SteerlabError as exc:  # validated at the API: a bug if it happens
                     log.error("steerlab: request %s: %s; not steered", req_id, exc)
                     cached = []
@@ -268,6 +268,26 @@ class _Step:
             return hidden, torch.cat([head, residual[n:]])  # padded tokens stay as they are
 
         return hook
+
+
+_parses: dict[str, list[Steering]] = {}
+_MAX_PARSES = 256
+
+
+def _parsed(extra: Any, registry: dict[str, SteeringVector], num_layers: int) -> list[Steering]:
+    """A request's steerings; identical entries give the same objects, so the plan of a
+    batch of identically steered requests has one column (a broadcast add)."""
+    try:
+        key = json.dumps(requests.raw_entries(extra), sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):  # offline extra_args that are not plain JSON
+        return requests.parse(extra, registry, num_layers)
+    hit = _parses.get(key)
+    if hit is None:
+        hit = requests.parse(extra, registry, num_layers)
+        if len(_parses) >= _MAX_PARSES:
+            _parses.pop(next(iter(_parses)))
+        _parses[key] = hit
+    return hit
 
 
 def _decoder_layers(runner: Any) -> Any:
