@@ -18,6 +18,9 @@ class Decoded:
         kl: per-step KL(steered || unsteered) ``[batch, n]`` when ``track_unsteered``.
         unsteered_logprobs: log-probability of each generated token under the unsteered
             model ``[batch, n]`` when ``track_unsteered``.
+        changes: with ``top_changes=k``, the ``k`` tokens per step whose probability the
+            steering changed most ``[batch, n, k]``.
+        change_probs: their probabilities, steered then unsteered ``[batch, n, k, 2]``.
     """
 
     tokens: torch.Tensor
@@ -25,3 +28,5 @@ class Decoded:
     logits: torch.Tensor | None = None
     kl: torch.Tensor | None = None
     unsteered_logprobs: torch.Tensor | None = None
+    changes: torch.Tensor | None = None
+    change_probs: torch.Tensor | None = None

@@ -52,8 +52,13 @@ class Engine(Protocol):
         sampling: Sampling,
         *,
         on_step: OnStep | None = None,
+        explain: int = 0,
     ) -> Decoded:
-        """Generate from unpadded prompt ids, one steering list per row."""
+        """Generate from unpadded prompt ids, one steering list per row.
+
+        ``explain=k > 0`` also returns per-step KL from the unsteered model and the ``k``
+        most changed tokens per step, on engines whose ``supports_explain`` is true.
+        """
         ...
 
 

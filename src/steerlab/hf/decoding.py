@@ -100,6 +100,7 @@ def decode(
     eos_token_id: int | Sequence[int] | None = None,
     return_logits: bool = False,
     track_unsteered: bool = False,
+    top_changes: int = 0,
     on_step: OnStep | None = None,
     share: bool = True,
 ) -> Decoded:
@@ -117,6 +118,8 @@ def decode(
         return_logits: keep every step's steered logits.
         track_unsteered: also run the unsteered model on the same tokens, for per-step KL
             and the unsteered log-probability of each generated token.
+        top_changes: with ``track_unsteered``, also keep each step's ``top_changes``
+            tokens whose probability the steering changed most (``Decoded.changes``).
         on_step: called after every step with the new tokens ``[batch]`` (the fill token
             for rows that are done) and the rows that are done ``[batch]``. Returning True
             stops decoding; returning per-row flags ``[batch]`` finishes those rows (used
@@ -155,6 +158,7 @@ def decode(
     persisting = steerer.plan.persisting
     body = steerer.layer_map.base  # the blocks without the LM head, for cache-only passes
     rec = _Record(batch, min(eos_set) if eos_set else 0, return_logits, track_unsteered)
+    rec.top = top_changes if track_unsteered else 0
     active = torch.arange(batch, device=device)  # the original row of each row still decoding
     finished_at = [sampling.max_new_tokens] * batch
     with steerer:
@@ -268,6 +272,9 @@ class _Record:
         self.logits: list[torch.Tensor] = []
         self.kls: list[torch.Tensor] = []
         self.logprobs: list[torch.Tensor] = []
+        self.top = 0  # tokens per step whose probability changed most, kept when > 0
+        self.changes: list[torch.Tensor] = []
+        self.change_probs: list[torch.Tensor] = []
 
     def step(
         self,
@@ -292,6 +299,16 @@ class _Record:
             lq[rows] = logq.gather(-1, token[:, None]).squeeze(-1).cpu()
             self.kls.append(kl)
             self.logprobs.append(lq)
+            if self.top:
+                p, q = logp.exp(), logq.exp()
+                k = min(self.top, p.shape[-1])
+                ids = (p - q).abs().topk(k, dim=-1).indices  # [active, k]
+                wide_ids = torch.zeros(self.batch, k, dtype=torch.long)
+                wide_p = torch.zeros(self.batch, k, 2)
+                wide_ids[rows] = ids.cpu()
+                wide_p[rows] = torch.stack([p.gather(-1, ids), q.gather(-1, ids)], -1).cpu()
+                self.changes.append(wide_ids)
+                self.change_probs.append(wide_p)
         return full
 
     def result(self, finished_at: list[int]) -> Decoded:
@@ -302,6 +319,8 @@ class _Record:
             logits=torch.stack(self.logits, dim=1) if self.keep_logits else None,
             kl=torch.stack(self.kls, dim=1) if self.kls else None,
             unsteered_logprobs=torch.stack(self.logprobs, dim=1) if self.logprobs else None,
+            changes=torch.stack(self.changes, dim=1) if self.changes else None,
+            change_probs=torch.stack(self.change_probs, dim=1) if self.change_probs else None,
         )
 
 

@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -75,6 +75,7 @@ class LoadedModel:
     tokenizer: Any
     layers: LayerMap
     info: ModelInfo
+    supports_explain: ClassVar[bool] = True  # decode_batch(explain=k): per-token KL
 
     @property
     def device(self) -> torch.device:
@@ -114,8 +115,13 @@ class LoadedModel:
         sampling: Sampling,
         *,
         on_step: OnStep | None = None,
+        explain: int = 0,
     ) -> Decoded:
-        """Generate from unpadded prompt ids, one steering list per row (the engine seam)."""
+        """Generate from unpadded prompt ids, one steering list per row (the engine seam).
+
+        ``explain=k`` also tracks the unsteered model: per-step KL and the ``k`` tokens
+        whose probability the steering changed most (``Decoded.kl``, ``.changes``).
+        """
         ids, mask = left_padded(self.tokenizer, prompts)
         return decode(
             self.model,
@@ -127,6 +133,8 @@ class LoadedModel:
             tokenizer=self.tokenizer,
             eos_token_id=self.tokenizer.eos_token_id,
             on_step=on_step,
+            track_unsteered=explain > 0,
+            top_changes=explain,
         )
 
 

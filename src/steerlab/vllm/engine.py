@@ -85,6 +85,7 @@ class VllmEngine:
         self.vectors: dict[str, SteeringVector] = dict(plugin.vectors())
 
     supports_transient = False
+    supports_explain = False  # per-token KL needs a second, unsteered model pass
 
     @property
     def tokenizer(self) -> Any:
@@ -132,9 +133,15 @@ class VllmEngine:
         sampling: Sampling,
         *,
         on_step: OnStep | None = None,
+        explain: int = 0,
     ) -> Decoded:
         """Generate every row as its own vLLM request; ``on_step`` sees the tokens after."""
         from vllm import SamplingParams, TokensPrompt
+
+        if explain:
+            raise SteerlabError(
+                "per-token KL needs the Hugging Face engine (steerlab serve without --engine vllm)"
+            )
 
         params = []
         for r, row in enumerate(steering):
