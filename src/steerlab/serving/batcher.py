@@ -27,7 +27,8 @@ from steerlab.core.engine import Engine
 from steerlab.core.sampling import Sampling
 from steerlab.core.steering import Steering
 
-Emit = Callable[[str, Any], None]  # ("token", id) / ("done", finish_reason) / ("error", message)
+# ("token", id) / ("explain", {"kl", "top"}) / ("done", finish_reason) / ("error", message)
+Emit = Callable[[str, Any], None]
 
 
 class QueueFull(Exception):
@@ -41,6 +42,8 @@ class Job:
     Attributes:
         deadline: ``time.monotonic()`` after which the row is stopped (None: no deadline).
         cancelled: set when the client goes away; the row stops at the next step.
+        explain: ``k > 0`` tracks the unsteered model too: before "done" the job gets an
+            "explain" event with each token's KL and the ``k`` most changed tokens.
     """
 
     ids: list[int]
@@ -51,6 +54,7 @@ class Job:
     seed: int | None
     emit: Emit
     deadline: float | None = None
+    explain: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
     emitted: int = 0
     closed: bool = False
@@ -62,8 +66,8 @@ class Job:
             self.emit(kind, value)
 
     @property
-    def sampling_key(self) -> tuple[float, float, int | None]:
-        return (self.temperature, self.top_p, self.seed)
+    def sampling_key(self) -> tuple[float, float, int | None, int]:
+        return (self.temperature, self.top_p, self.seed, self.explain)
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -81,13 +85,15 @@ class Batcher:
     def __init__(self, lm: Engine, max_batch: int = 8, max_queue: int = 64) -> None:
         self.lm = lm
         self.max_batch = max_batch
-        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue + 1)
+        # A list is a group (one request's rows) that runs as one batch.
+        self.jobs: queue.Queue[Job | list[Job] | None] = queue.Queue(maxsize=max_queue + 1)
         self.max_queue = max_queue
         self.thread = threading.Thread(target=self._run, name="steerlab-batcher", daemon=True)
         self.thread.start()
 
-    def submit(self, job: Job) -> None:
-        """Queue a job.
+    def submit(self, job: Job | list[Job]) -> None:
+        """Queue a job, or a group of jobs that run together in one batch (up to
+        ``max_batch`` rows, equal sampling settings).
 
         Raises:
             QueueFull: ``max_queue`` jobs are waiting already.
@@ -104,7 +110,7 @@ class Batcher:
     def _purge(self) -> None:
         """Drop cancelled jobs from the queue: a client that left holds no place in it."""
         with self.jobs.mutex:
-            kept = [j for j in self.jobs.queue if j is None or not j.cancelled.is_set()]
+            kept = [j for j in self.jobs.queue if not _cancelled(j)]
             self.jobs.queue.clear()
             self.jobs.queue.extend(kept)
 
@@ -113,11 +119,13 @@ class Batcher:
         self.thread.join(timeout=10)
 
     def _take(self) -> list[Job] | None:
-        first = self.jobs.get()
-        if first is None:
+        item = self.jobs.get()
+        if item is None:
             return None
-        batch: list[Job] = [first]
-        later: list[Job] = []
+        if isinstance(item, list):
+            return item  # a group runs alone, as one batch
+        batch: list[Job] = [item]
+        later: list[Job | list[Job]] = []
         while len(batch) < self.max_batch:
             try:
                 job = self.jobs.get_nowait()
@@ -126,7 +134,10 @@ class Batcher:
             if job is None:
                 self.jobs.put(None)
                 break
-            (batch if job.sampling_key == first.sampling_key else later).append(job)
+            if isinstance(job, Job) and job.sampling_key == item.sampling_key:
+                batch.append(job)
+            else:
+                later.append(job)
         for job in later:
             self.jobs.put(job)
         return batch
@@ -174,7 +185,16 @@ class Batcher:
             seed=first.seed,
         )
         finished = [False] * len(batch)
+        explain = max(j.explain for j in batch)
+        reasons: dict[int, str] = {}  # explained rows: "done" waits for their explanation
         eos = tok.eos_token_id
+
+        def finish(r: int, job: Job, reason: str) -> None:
+            finished[r] = True
+            if explain:
+                reasons[r] = reason
+            else:
+                job.close("done", reason)
 
         def on_step(tokens: torch.Tensor, done: torch.Tensor) -> list[bool]:
             for r, job in enumerate(batch):
@@ -182,14 +202,12 @@ class Batcher:
                     continue
                 token = int(tokens[r])
                 if token == eos:
-                    finished[r] = True
-                    job.close("done", "stop")
+                    finish(r, job, "stop")
                     continue
                 job.emit("token", token)
                 job.emitted += 1
                 if job.emitted >= job.max_tokens:
-                    finished[r] = True
-                    job.close("done", "length")
+                    finish(r, job, "length")
                 elif job.cancelled.is_set():
                     finished[r] = True
                 elif job.expired():
@@ -197,9 +215,33 @@ class Batcher:
                     job.close("error", "the request ran past its deadline")
             return list(finished)
 
-        self.lm.decode_batch(
-            [j.ids for j in batch], [j.steering for j in batch], sampling, on_step=on_step
-        )
+        prompts, rows = [j.ids for j in batch], [j.steering for j in batch]
+        if explain:
+            out = self.lm.decode_batch(prompts, rows, sampling, on_step=on_step, explain=explain)
+        else:
+            out = self.lm.decode_batch(prompts, rows, sampling, on_step=on_step)
         for r, job in enumerate(batch):
-            if not finished[r]:
-                job.close("done", "length")
+            if job.closed or job.cancelled.is_set():
+                continue
+            if explain:
+                job.emit("explain", _explanation(out, r, job.emitted))
+            job.close("done", reasons.get(r, "length"))
+
+
+def _cancelled(item: Job | list[Job] | None) -> bool:
+    if item is None:
+        return False
+    jobs = item if isinstance(item, list) else [item]
+    return all(j.cancelled.is_set() for j in jobs)
+
+
+def _explanation(out: Any, row: int, n: int) -> dict[str, Any]:
+    """Row ``row``'s first ``n`` tokens: KL(steered || unsteered) and the most changed tokens."""
+    kl = [] if out.kl is None else [float(x) for x in out.kl[row, :n]]
+    top: list[list[tuple[int, float, float]]] = []
+    if out.changes is not None and out.change_probs is not None:
+        for t in range(n):
+            ids = out.changes[row, t].tolist()
+            probs = out.change_probs[row, t].tolist()
+            top.append([(int(i), float(p), float(q)) for i, (p, q) in zip(ids, probs, strict=True)])
+    return {"kl": kl, "top": top}
