@@ -87,6 +87,28 @@ def policy_plots(rows: Sequence[dict[str, Any]], out_dir: Path, behaviour_label:
     return _save(fig, out_dir / "policies.png", plt)
 
 
+def contrast_histogram(positive: Sequence[float], negative: Sequence[float], title: str) -> bytes:
+    """Overlaid histograms of the projections of positive and negative examples (PNG bytes)."""
+    import io
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    values = list(positive) + list(negative)
+    lo, hi = min(values), max(values)
+    bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
+    ax.hist(negative, bins=bins, alpha=0.6, color="#2f6fd6", label=f"negative ({len(negative)})")
+    ax.hist(positive, bins=bins, alpha=0.6, color="#d6452f", label=f"positive ({len(positive)})")
+    ax.set_xlabel("projection onto the unit vector")
+    ax.set_ylabel("examples")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _save(fig: Any, path: Path, plt: Any) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
