@@ -74,3 +74,17 @@ def test_explained_rows_get_kl_and_changes_before_done(lm):
         assert all(len(t) == 3 for t in info["top"])
     assert all(k == pytest.approx(0.0, abs=1e-6) for k in dict(events[0])["explain"]["kl"])
     assert max(dict(events[1])["explain"]["kl"]) > 0.0
+
+
+def test_a_group_over_the_batch_or_mixing_settings_is_refused(lm):
+    batcher = Batcher(lm, max_batch=2)
+    try:
+        ids = [1, 2]
+        rows = [Job(ids, [], 2, 0.0, 1.0, None, lambda *a: None) for _ in range(3)]
+        with pytest.raises(ValueError, match="group"):
+            batcher.submit(rows)
+        mixed = [rows[0], Job(ids, [], 2, 0.5, 1.0, None, lambda *a: None)]
+        with pytest.raises(ValueError, match="group"):
+            batcher.submit(mixed)
+    finally:
+        batcher.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from steerlab.cli.common import DeviceOpt, DtypeOpt, ModelOpt, app, err, load, out, warn
+from steerlab.core.errors import SteerlabError
 from steerlab.formats.atomic import atomic_write_bytes, check_output
 
 
@@ -53,6 +54,8 @@ def inspect(
 
     if output is not None:
         check_output(output)
+    if histogram is not None and contrast is None:
+        raise SteerlabError("--histogram needs --contrast FILE (the dataset to score)")
     if contrast is not None and histogram is None:
         histogram = output.with_suffix(".contrast.png") if output else Path("contrast.png")
     if histogram is not None:
@@ -60,14 +63,14 @@ def inspect(
     vec = load_vector(vector)
     chosen = vec.layers[len(vec.layers) // 2] if layer is None else layer
     projection.check_layer(vec, chosen)
-    data = load_dataset(contrast) if contrast is not None else None
+    data = None if contrast is None else load_dataset(contrast)
     lm = load(model, device, dtype)
     for warning in vec.check_model(lm.identity, allow_model_mismatch):
         warn(warning)
     view = projection.token_projections(lm, text, vec, chosen, chat=chat, name=vector.stem)
     result = None
     png = None
-    if data is not None:
+    if data is not None and contrast is not None and histogram is not None:
         with err.status(f"scoring {len(data)} examples"):
             result = projection.contrast(lm, data, vec, chosen)
         from steerlab.evaluation.plots import contrast_histogram
@@ -75,10 +78,8 @@ def inspect(
         png = contrast_histogram(
             result.positive,
             result.negative,
-            f"{vector.stem} at layer {chosen} on {contrast.name if contrast else ''}: "
-            f"AUC {result.auc:.3f}",
+            f"{vector.stem} at layer {chosen} on {contrast.name}: AUC {result.auc:.3f}",
         )
-        assert histogram is not None
         atomic_write_bytes(histogram, png)
     if output is not None:
         atomic_write_bytes(output, pages.html_page(view, result, png).encode())

@@ -19,6 +19,7 @@ from steerlab.core.dataset import Dataset
 from steerlab.core.errors import SteerlabError
 from steerlab.core.prompts import prompt_ids
 from steerlab.core.vector import SteeringVector
+from steerlab.hf.layers import input_device
 from steerlab.hf.model import LoadedModel
 
 
@@ -118,8 +119,6 @@ def token_projections(
             "shorten it"
         )
     unit = _unit(vector, layer)
-    from steerlab.hf.layers import input_device
-
     device = input_device(lm.model)
     out = lm.model(
         input_ids=torch.tensor([ids], device=device),

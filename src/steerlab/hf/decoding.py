@@ -157,8 +157,9 @@ def decode(
     transient = steerer.plan.transient
     persisting = steerer.plan.persisting
     body = steerer.layer_map.base  # the blocks without the LM head, for cache-only passes
-    rec = _Record(batch, min(eos_set) if eos_set else 0, return_logits, track_unsteered)
-    rec.top = top_changes if track_unsteered else 0
+    rec = _Record(
+        batch, min(eos_set) if eos_set else 0, return_logits, track_unsteered, top_changes
+    )
     active = torch.arange(batch, device=device)  # the original row of each row still decoding
     finished_at = [sampling.max_new_tokens] * batch
     with steerer:
@@ -264,7 +265,7 @@ def _select_rows(cache: Any, keep: torch.Tensor) -> Any:
 class _Record:
     """Per-step outputs of the whole batch; rows that left the batch get the fill token."""
 
-    def __init__(self, batch: int, fill: int, logits: bool, unsteered: bool) -> None:
+    def __init__(self, batch: int, fill: int, logits: bool, unsteered: bool, top: int = 0) -> None:
         self.batch, self.fill = batch, fill
         self.keep_logits, self.unsteered = logits, unsteered
         self.done = torch.zeros(batch, dtype=torch.bool)
@@ -272,7 +273,7 @@ class _Record:
         self.logits: list[torch.Tensor] = []
         self.kls: list[torch.Tensor] = []
         self.logprobs: list[torch.Tensor] = []
-        self.top = 0  # tokens per step whose probability changed most, kept when > 0
+        self.top = top if unsteered else 0  # most changed tokens kept per step (0: none)
         self.changes: list[torch.Tensor] = []
         self.change_probs: list[torch.Tensor] = []
 

@@ -97,7 +97,15 @@ class Batcher:
 
         Raises:
             QueueFull: ``max_queue`` jobs are waiting already.
+            ValueError: a group that is empty, over ``max_batch`` rows, or mixes sampling
+                settings (the caller validates requests before they get here).
         """
+        if isinstance(job, list) and (
+            not job or len(job) > self.max_batch or len({j.sampling_key for j in job}) != 1
+        ):
+            raise ValueError(
+                f"a group needs 1..{self.max_batch} jobs with the same sampling settings"
+            )
         if self.jobs.qsize() >= self.max_queue:
             self._purge()
         if self.jobs.qsize() >= self.max_queue:
