@@ -292,3 +292,57 @@ def test_extraction_refuses_examples_longer_than_the_context(workspace, tmp_path
     assert (
         "over the model's context of 256" in r.stderr and not (tmp_path / "v.safetensors").exists()
     )
+
+
+def test_inspect_writes_the_page_and_the_contrast(workspace, vector, tmp_path):
+    page, png = tmp_path / "page.html", tmp_path / "hist.png"
+    args = ["inspect", "hello there, the sea", "--model", str(workspace / "model")]
+    r = run(
+        *args,
+        "--vector",
+        str(vector),
+        "--layer",
+        "2",
+        "-o",
+        str(page),
+        "--json",
+        "--contrast",
+        str(workspace / "pairs.jsonl"),
+        "--histogram",
+        str(png),
+    )
+    assert r.returncode == 0, r.stderr
+    payload = json.loads(r.stdout)
+    assert payload["layer"] == 2 and payload["tokens"]
+    assert page.read_text().count('class="tok"') == len(payload["tokens"])
+    assert 0.0 <= payload["contrast"]["auc"] <= 1.0
+    assert len(payload["contrast"]["positive"]) == len(payload["contrast"]["negative"]) == 8
+    assert png.read_bytes().startswith(b"\x89PNG")
+    r = run(*args, "--vector", str(vector))  # the terminal view, at the middle layer
+    assert r.returncode == 0 and "hello" in r.stdout, r.stderr
+
+
+def test_inspect_bad_inputs_are_one_line_errors_and_write_nothing(workspace, vector, tmp_path):
+    model = str(workspace / "model")
+    page = tmp_path / "page.html"
+    base = ["--model", model, "--vector", str(vector), "-o", str(page)]
+    assert_error(run("inspect", "hi", *base, "--layer", "7"), "the vector has no layer 7")
+    assert_error(run("inspect", "   ", *base), "the text is empty")
+    assert_error(run("inspect", "sea " * 400, *base), "over the model's context of 256")
+    odd = tmp_path / "pairs.tsv"
+    odd.write_text("positive\tnegative\na\tb\n")
+    assert_error(run("inspect", "hi", *base, "--contrast", str(odd)), "use .jsonl, .json, .csv")
+    assert_error(
+        run("inspect", "hi", *base, "--histogram", str(tmp_path / "h.png")),
+        "--histogram needs --contrast",
+    )
+    # a vector made on another model (another hidden size)
+    from helpers import random_vector
+
+    from steerlab.formats import save_vector
+
+    other = tmp_path / "other.safetensors"
+    save_vector(random_vector(tiny.model("llama", hidden=48), [1]), other)
+    r = run("inspect", "hi", "--model", model, "--vector", str(other), "-o", str(page))
+    assert_error(r, "hidden size")
+    assert not page.exists() and not list(tmp_path.glob("*.tmp*"))

@@ -79,9 +79,17 @@ class Dataset:
         return Dataset(self.format, pairs=tuple(self.pairs[i] for i in indices), info=self.info)
 
 
+_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".txt", "")
+
+
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, record) for JSONL, JSON arrays, CSV and plain text files."""
     suffix = path.suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise SteerlabError(
+            f"'{path}' is a {suffix} file, which steerlab does not read as a dataset: "
+            "use .jsonl, .json, .csv or .txt"
+        )
     text = read_text(path, "dataset file")
     if suffix == ".json":
         try:

@@ -83,11 +83,22 @@ def _unit(vector: SteeringVector, layer: int) -> torch.Tensor:
     return direction / norm
 
 
-def token_pieces(tokenizer: object, ids: Sequence[int]) -> list[str]:
-    """Each token's text, so that the pieces concatenate to the decoded text."""
+def token_pieces(
+    tokenizer: object, ids: Sequence[int], *, skip_special_tokens: bool = False
+) -> list[str]:
+    """Each token's text, so that the pieces concatenate to the decoded text.
+
+    A token that ends half way through a multi-byte character gets ``""``; the character
+    shows with the token that completes it.
+    """
     pieces, before = [], ""
     for i in range(len(ids)):
-        text = tokenizer.decode(list(ids[: i + 1]))  # type: ignore[attr-defined]
+        text = tokenizer.decode(  # type: ignore[attr-defined]
+            list(ids[: i + 1]), skip_special_tokens=skip_special_tokens
+        )
+        if text.endswith("\ufffd") and i < len(ids) - 1:
+            pieces.append("")
+            continue
         pieces.append(text[len(before) :] if text.startswith(before) else text)
         before = text
     return pieces
