@@ -164,6 +164,12 @@ def serve(
     engine: str = typer.Option(
         "hf", "--engine", help="hf (Hugging Face) or vllm (continuous batching, eager)."
     ),
+    sweep_dir: Path | None = typer.Option(
+        None,
+        "--sweep-dir",
+        help="A finished sweep's --out directory: the playground shows its plots and "
+        "recommendation, and serves its vector as 'sweep'.",
+    ),
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
 ) -> None:
@@ -198,6 +204,11 @@ def serve(
             "the server; pass --api-key (or set STEERLAB_API_KEY)"
         )
     check_engine(engine)
+    summary = None
+    if sweep_dir is not None:
+        from steerlab.evaluation.sweep import read_sweep
+
+        summary = read_sweep(sweep_dir)
     if engine == "vllm":
         from steerlab.vllm.engine import VllmEngine
 
@@ -207,8 +218,22 @@ def serve(
     else:
         lm = load(model, device, dtype)
         registry = load_vectors(vectors, lm, allow_model_mismatch, warn=warn)
+    sweep_vector = None
+    if summary is not None and summary.vector is not None:
+        if "sweep" in registry:
+            warn(
+                "--vectors has a vector named 'sweep' already: the sweep's own vector is not served"
+            )
+        elif engine == "vllm":
+            warn("the vLLM engine serves only --vectors: copy the sweep's vector there to use it")
+        else:
+            from steerlab.formats import load_vector
+
+            vector = load_vector(summary.vector)
+            vector.check_model(lm.identity, allow_model_mismatch)
+            registry["sweep"], sweep_vector = vector, "sweep"
     err.print(
         f"{len(registry)} vectors: {', '.join(sorted(registry)) or 'none'}; playground at http://{host}:{port}/"
     )
     security = Security(api_key=api_key or None, expose_metadata=expose_metadata)
-    run(lm, registry, host, port, limits, security, allow_host)
+    run(lm, registry, host, port, limits, security, allow_host, summary, sweep_vector)

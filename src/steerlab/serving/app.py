@@ -4,6 +4,9 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``
 ``GET /v1/models``, ``GET /v1/vectors`` and the playground page at ``/``. A request adds
 ``"steering": [{"vector": NAME, "multiplier": 4, "layers": [9], "policy": "after-prompt"}]``;
 no field means unsteered. Vector names are keys of a registry loaded at start-up, never paths.
+For the playground: ``POST /v1/steerlab/compare`` (one prompt at several multipliers in one
+batch, streamed, with per-token KL on request) and ``GET /v1/steerlab/sweep`` (the plots and
+recommendation of the sweep the server was started with).
 
 No request can stall or starve another: bodies are size-limited before they are read,
 parsing and tokenizing run off the event loop, the queue is bounded (503 with
@@ -15,7 +18,9 @@ or not, frees its row at the next token. :class:`Guard` refuses foreign ``Host``
 # No `from __future__ import annotations`: FastAPI resolves the endpoints' annotations
 # (Request) at runtime from this module's and create_app's namespaces.
 import asyncio
+import base64
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -26,6 +31,8 @@ from typing import Any
 from steerlab.core.engine import Engine
 from steerlab.core.errors import SteerlabError
 from steerlab.core.vector import SteeringVector
+from steerlab.evaluation.projection import token_pieces
+from steerlab.evaluation.sweep import SweepSummary
 from steerlab.serving.batcher import Job, QueueFull
 from steerlab.serving.guard import Guard, Security, is_loopback
 from steerlab.serving.service import (
@@ -57,8 +64,15 @@ def create_app(
     limits: Limits | None = None,
     model_name: str | None = None,
     security: Security | None = None,
+    sweep: SweepSummary | None = None,
+    sweep_vector: str | None = None,
 ) -> Any:
-    """The ASGI application serving ``lm`` with ``vectors`` (FastAPI inside :class:`Guard`)."""
+    """The ASGI application serving ``lm`` with ``vectors`` (FastAPI inside :class:`Guard`).
+
+    Args:
+        sweep: a finished sweep whose plots and recommendation the playground shows.
+        sweep_vector: the registry name of that sweep's vector, when it is served.
+    """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -113,6 +127,18 @@ def create_app(
             "data": [{"id": name, "object": "model", "created": 0, "owned_by": "steerlab"}],
         }
 
+    sweep_page = None if sweep is None else _sweep_json(sweep, sweep_vector)
+
+    @app.get("/v1/steerlab/sweep")
+    async def sweep_summary() -> Any:
+        if sweep_page is None:
+            raise ApiError(
+                404,
+                "this server has no sweep: start it with --sweep-dir DIR",
+                kind="not_found_error",
+            )
+        return sweep_page
+
     @app.get("/v1/vectors")
     async def list_vectors() -> dict[str, Any]:
         data = [
@@ -120,6 +146,17 @@ def create_app(
             for key, v in sorted(service.vectors.items())
         ]
         return {"object": "list", "data": data}
+
+    def _submit(item: Job | list[Job]) -> None:
+        try:
+            service.batcher.submit(item)
+        except QueueFull:
+            raise ApiError(
+                503,
+                f"the server is busy ({limits.max_queue} requests waiting): retry shortly",
+                kind="server_error",
+                headers={"Retry-After": "1"},
+            ) from None
 
     async def _complete(request: Request, chat: bool) -> Any:
         raw = await _read(request)
@@ -132,51 +169,22 @@ def create_app(
 
         deadline = time.monotonic() + limits.request_timeout
         job = Job(ids=ids, emit=emit, deadline=deadline, **params)
-        try:
-            service.batcher.submit(job)
-        except QueueFull:
-            raise ApiError(
-                503,
-                f"the server is busy ({limits.max_queue} requests waiting): retry shortly",
-                kind="server_error",
-                headers={"Retry-After": "1"},
-            ) from None
+        _submit(job)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         tok = lm.tokenizer
 
-        async def next_event() -> tuple[str, Any]:
-            """The job's next event; cancels the job when the client leaves or time is up."""
-            while True:
-                try:
-                    return await asyncio.wait_for(events.get(), _POLL)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancelled.set()
-                        raise _ClientGone from None
-                    if time.monotonic() > deadline + 1.0:
-                        job.cancelled.set()
-                        raise ApiError(
-                            504, "the request ran past its deadline", kind="server_error"
-                        ) from None
-
         async def tokens() -> AsyncIterator[tuple[str, str | None]]:
             """(text delta, finish reason) as tokens arrive."""
-            made: list[int] = []
-            sent = ""
+            text = _Text(tok)
             while True:
-                kind, value = await next_event()
+                kind, value = await _next_event(events, request, [job], deadline)
                 if kind == "error":
-                    status = 504 if "deadline" in str(value) else 500
-                    raise ApiError(status, f"generation failed: {value}", kind="server_error")
+                    raise _failure(value)
                 if kind == "done":
-                    yield tok.decode(made, skip_special_tokens=True)[len(sent) :], value
+                    yield text.rest(), value
                     return
-                made.append(int(value))
-                text = tok.decode(made, skip_special_tokens=True)
-                if text.endswith("\ufffd"):
-                    continue  # half a multi-byte character: wait for the rest
-                delta, sent = text[len(sent) :], text
+                delta = text.add(int(value))
                 if delta:
                     yield delta, None
 
@@ -225,6 +233,77 @@ def create_app(
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
+    @app.post("/v1/steerlab/compare")
+    async def compare(request: Request) -> Any:
+        """One prompt at several multipliers, run as one batch, streamed as server-sent
+        events: ``{"row", "delta"}`` as text arrives, ``{"row", "explain"}`` (each token's
+        text, KL and most changed tokens) when asked, ``{"row", "finish_reason"}``, then
+        ``[DONE]``. See :meth:`Service.compare` for the body."""
+        raw = await _read(request)
+        loop = asyncio.get_running_loop()
+        plan = await loop.run_in_executor(work, lambda: service.compare(parse_body(raw)))
+        events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
+
+        def emitter(row: int) -> Any:
+            def emit(kind: str, value: Any) -> None:
+                loop.call_soon_threadsafe(events.put_nowait, (row, kind, value))
+
+            return emit
+
+        deadline = time.monotonic() + limits.request_timeout
+        jobs = [
+            Job(
+                ids=plan.ids,
+                steering=steering,
+                emit=emitter(r),
+                deadline=deadline,
+                explain=plan.explain,
+                **plan.params,
+            )
+            for r, steering in enumerate(plan.rows)
+        ]
+        _submit(jobs)
+        tok = lm.tokenizer
+        head = {
+            "object": "steerlab.compare",
+            "model": name,
+            "rows": [{"row": r, "multiplier": m} for r, m in enumerate(plan.multipliers)],
+        }
+
+        async def stream() -> AsyncIterator[str]:
+            texts = [_Text(tok) for _ in jobs]
+            open_rows = set(range(len(jobs)))
+            try:
+                yield _sse(head)
+                while open_rows:
+                    r, kind, value = await _next_event(events, request, jobs, deadline)
+                    text = texts[r]
+                    if kind == "token":
+                        delta = text.add(int(value))
+                        if delta:
+                            yield _sse({"row": r, "delta": delta})
+                    elif kind == "explain":
+                        yield _sse({"row": r, "explain": _explained(text, value, tok)})
+                    elif kind == "done":
+                        rest = text.rest()
+                        if rest:
+                            yield _sse({"row": r, "delta": rest})
+                        yield _sse({"row": r, "finish_reason": value})
+                        open_rows.discard(r)
+                    else:  # this row failed; the others go on
+                        yield _sse({"row": r, **_failure(value).body()})
+                        open_rows.discard(r)
+                yield "data: [DONE]\n\n"
+            except ApiError as exc:
+                yield _sse(exc.body())
+            except _ClientGone:
+                return
+            finally:
+                for job in jobs:
+                    job.cancelled.set()
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         return await _complete(request, chat=True)
@@ -236,8 +315,89 @@ def create_app(
     return Guard(app, security, limits.max_body_bytes)
 
 
+async def _next_event(
+    events: "asyncio.Queue[Any]", request: Any, jobs: list[Job], deadline: float
+) -> Any:
+    """The next event; cancels ``jobs`` when the client leaves or time is up."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), _POLL)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                for job in jobs:
+                    job.cancelled.set()
+                raise _ClientGone from None
+            if time.monotonic() > deadline + 1.0:
+                for job in jobs:
+                    job.cancelled.set()
+                raise ApiError(
+                    504, "the request ran past its deadline", kind="server_error"
+                ) from None
+
+
+def _failure(message: Any) -> ApiError:
+    status = 504 if "deadline" in str(message) else 500
+    return ApiError(status, f"generation failed: {message}", kind="server_error")
+
+
+class _Text:
+    """A row's text as its tokens arrive: deltas that never split a multi-byte character."""
+
+    def __init__(self, tok: Any) -> None:
+        self.tok, self.sent = tok, ""
+        self.ids: list[int] = []
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""  # half a character: wait for the rest
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+    def rest(self) -> str:
+        """What is left to send once the row is done (a trailing half character)."""
+        return self.tok.decode(self.ids, skip_special_tokens=True)[len(self.sent) :]
+
+
 class _ClientGone(Exception):  # noqa: N818
     """The client closed the connection: its job is cancelled and nothing is sent."""
+
+
+def _sweep_json(sweep: SweepSummary, vector: str | None) -> dict[str, Any]:
+    """What ``/v1/steerlab/sweep`` answers: the recommendation, the table, the plots inline
+    (data URIs, so they load with an API key too); non-finite numbers become null."""
+
+    def clean(row: dict[str, Any]) -> dict[str, Any]:
+        keys = ("layer", "multiplier", "behaviour", "fluency", "kl", "shift", "baseline")
+        return {
+            k: None if isinstance(row[k], float) and not math.isfinite(row[k]) else row[k]
+            for k in keys
+            if k in row
+        }
+
+    best = sweep.recommendation
+    return {
+        "object": "steerlab.sweep",
+        "vector": vector,
+        "perplexity_bound": sweep.perplexity_bound,
+        "recommendation": None if best is None else clean(best),
+        "rows": [clean(r) for r in sweep.rows],
+        "plots": [
+            {"name": name, "src": "data:image/png;base64," + base64.b64encode(png).decode()}
+            for name, png in sweep.plots.items()
+        ],
+    }
+
+
+def _explained(text: _Text, value: dict[str, Any], tok: Any) -> dict[str, Any]:
+    """An explain event for the page: each token's text, KL and most changed tokens."""
+    top = [
+        [{"token": tok.decode([i]), "steered": p, "unsteered": q} for i, p, q in changes]
+        for changes in value["top"]
+    ]
+    pieces = token_pieces(tok, text.ids[: len(value["kl"])], skip_special_tokens=True)
+    return {"pieces": pieces, "kl": value["kl"], "top": top}
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -280,12 +440,15 @@ def serve(
     limits: Limits | None = None,
     security: Security | None = None,
     allow_hosts: Sequence[str] = (),
+    sweep: SweepSummary | None = None,
+    sweep_vector: str | None = None,
 ) -> None:
     """Run the server until interrupted.
 
     Args:
         host: bind address; loopback by default.
         allow_hosts: extra ``Host`` names to accept (the bind address is accepted too).
+        sweep, sweep_vector: as in :func:`create_app`.
     """
     try:
         import uvicorn
@@ -298,5 +461,5 @@ def serve(
     if host not in ("0.0.0.0", "::", ""):
         names.add(host)
     security = Security(security.api_key, tuple(sorted(names)), security.expose_metadata)
-    app = create_app(lm, vectors, limits, security=security)
+    app = create_app(lm, vectors, limits, security=security, sweep=sweep, sweep_vector=sweep_vector)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -30,6 +30,7 @@ from steerlab.serving.batcher import Batcher
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _MAX_INT_DIGITS = 19  # larger JSON integers are read as floats (then range-checked)
 _MAX_SEED = 2**63 - 1
+_MAX_EXPLAIN = 20  # most changed tokens per position an explained request may ask for
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,24 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_prompt_chars: int = 100_000
     request_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A validated compare request: one prompt, one row per multiplier, one batch.
+
+    Attributes:
+        params: decoding parameters shared by every row (``max_tokens``, sampling).
+        rows: each row's steerings (empty for multiplier 0).
+        explain: most changed tokens per position to report (0: no explanation).
+    """
+
+    ids: list[int]
+    params: dict[str, Any]
+    multipliers: list[float]
+    rows: list[list[Steering]]
+    explain: int
+    chat: bool
 
 
 class ApiError(Exception):
@@ -207,10 +226,9 @@ class Service:
             raise ApiError(
                 400, f"at most {self.limits.max_steerings} steerings per request", "steering"
             )
-        return [self._steering(i, item, prompt_ids) for i, item in enumerate(raw)]
+        return [self._steering(f"steering[{i}]", item, prompt_ids) for i, item in enumerate(raw)]
 
-    def _steering(self, i: int, item: Any, prompt_ids: list[int]) -> Steering:
-        where = f"steering[{i}]"
+    def _steering(self, where: str, item: Any, prompt_ids: list[int]) -> Steering:
         if not isinstance(item, dict):
             raise ApiError(400, f"{where} must be an object", where)
         name = item.get("vector")
@@ -334,6 +352,60 @@ class Service:
 
         Cheap checks come first, so a bad request is refused before it is tokenized.
         """
+        ids, params = self._decoding(body, chat)
+        params["steering"] = self.steerings(body.get("steering"), ids)
+        return ids, params
+
+    def compare(self, body: dict[str, Any]) -> Comparison:
+        """Validate a ``/v1/steerlab/compare`` body: one steering at several multipliers.
+
+        The body is a chat (``messages``) or completion (``prompt``) request whose
+        ``steering`` is one object without a multiplier, plus ``multipliers`` (one row each,
+        run together as one batch; 0 is the unsteered row) and ``explain`` (``k``: per-token
+        KL from the unsteered model and the ``k`` most changed tokens; 0 for none).
+        """
+        chat = "messages" in body
+        raw = body.get("multipliers")
+        cap = self.limits.max_batch
+        if not isinstance(raw, list) or not 1 <= len(raw) <= cap:
+            raise ApiError(
+                400, f"'multipliers' must be a list of 1 to {cap} numbers", "multipliers"
+            )
+        bound = self.limits.max_multiplier
+        multipliers = [number(m, f"multipliers[{i}]", -bound, bound) for i, m in enumerate(raw)]
+        explain = integer(body.get("explain", 0), "explain", 0, _MAX_EXPLAIN)
+        if explain and not getattr(self.lm, "supports_explain", False):
+            raise ApiError(
+                400,
+                "'explain' needs the unsteered model beside the steered one, which this engine "
+                "does not run: send explain 0, or serve with the Hugging Face engine",
+                "explain",
+            )
+        item = body.get("steering")
+        if not isinstance(item, dict):
+            raise ApiError(
+                400,
+                "'steering' must be one object {vector, layers?, policy?}: the rows' "
+                "multipliers go in 'multipliers'",
+                "steering",
+            )
+        if "multiplier" in item:
+            raise ApiError(
+                400,
+                "'steering' takes no multiplier here: put the rows' multipliers in 'multipliers'",
+                "steering.multiplier",
+            )
+        ids, params = self._decoding(body, chat)
+        rows = [
+            [] if m == 0 else [self._steering("steering", {**item, "multiplier": m}, ids)]
+            for m in multipliers
+        ]
+        if not any(rows):  # only unsteered rows: still refuse an unknown vector or layer
+            self._steering("steering", {**item, "multiplier": 1.0}, ids)
+        return Comparison(ids, params, multipliers, rows, explain, chat)
+
+    def _decoding(self, body: dict[str, Any], chat: bool) -> tuple[list[int], dict[str, Any]]:
+        """The prompt ids and the decoding parameters (no steering) of a request body."""
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 64))
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ApiError(400, "'max_tokens' must be a positive integer", "max_tokens")
@@ -359,7 +431,6 @@ class Service:
                 "context_length_exceeded",
             )
         params = {
-            "steering": self.steerings(body.get("steering"), ids),
             "max_tokens": max_tokens,
             "temperature": temperature,
             "top_p": top_p,
