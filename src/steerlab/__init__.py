@@ -17,6 +17,7 @@ Importing ``steerlab`` loads neither the server (fastapi, uvicorn) nor matplotli
 from __future__ import annotations
 
 from steerlab._version import __version__
+from steerlab.core.condition import Condition
 from steerlab.core.dataset import Dataset, load_dataset
 from steerlab.core.decoded import Decoded
 from steerlab.core.errors import SteerlabError
@@ -32,6 +33,7 @@ from steerlab.hf.layers import LayerMap, find_layers, resolve_layers
 from steerlab.hf.model import LoadedModel, ModelInfo, describe, load_model
 
 __all__ = [
+    "Condition",
     "Dataset",
     "DatasetInfo",
     "Decoded",

@@ -66,6 +66,12 @@ class SteeringPlan:
         column: dict[int, int] = {}  # id(steering) -> its column, per-row plans only
         for r, items in enumerate(row_lists):
             for s in items:
+                if s.condition is not None:
+                    raise SteerlabError(
+                        "conditional steering is decided from the prompt before decoding: use "
+                        "steerlab.generate or steerlab.decode on the Hugging Face engine "
+                        "(not steer() around model.generate, nor vLLM)"
+                    )
                 if s.multiplier == 0.0:
                     continue
                 a = column.get(id(s)) if per_row else None
@@ -85,9 +91,14 @@ class SteeringPlan:
         self._cols: dict[int, list[int]] = {}
         self._w: dict[int, torch.Tensor] = {}  # [A_l, d] float32, CPU
         self._actadd: dict[int, list[tuple[int, torch.Tensor]]] = {}  # (column, [k, d])
+        # ablate / clamp: (column, unit direction [d], lo, hi), in the order given
+        self._proj: dict[int, list[tuple[int, torch.Tensor, float, float]]] = {}
         for a, s in enumerate(self.apps):
             for layer in s.steered_layers:
-                if s.policy.kind == "actadd":
+                if s.projects:
+                    lo, hi = s.projection_range
+                    self._proj.setdefault(layer, []).append((a, s.unit(layer), lo, hi))
+                elif s.policy.kind == "actadd":
                     self._actadd.setdefault(layer, []).append((a, s.delta(layer)))
                 else:
                     self._cols.setdefault(layer, []).append(a)
@@ -103,7 +114,11 @@ class SteeringPlan:
     @property
     def layers(self) -> list[int]:
         """Every layer some steering adds to, ascending."""
-        return sorted(set(self._cols) | set(self._actadd))
+        return sorted(set(self._cols) | set(self._actadd) | set(self._proj))
+
+    def reads_hidden(self, layer: int) -> bool:
+        """Whether the change at ``layer`` depends on the hidden state (ablate, clamp)."""
+        return layer in self._proj
 
     @property
     def empty(self) -> bool:
@@ -236,21 +251,33 @@ class SteeringPlan:
     ) -> torch.Tensor | None:
         """The tensor to add at ``layer``: ``[..., d]``, or ``[d]`` to broadcast, or None.
 
+        The projection operators act first, in the order given, each on the result of the
+        one before (``ablate`` then ``add`` along the same direction sets the projection to
+        the added amount); then every ``add`` is added (docs/design.md, "Operators").
+
         Args:
             coef: C from :meth:`coefficients`, already in ``like``'s dtype and device.
             t: the tokens' positions (for ActAdd rows).
-            like: the hidden states it will be added to (device and dtype).
+            like: the block's output ``[..., d]`` the delta will be added to; ablate and
+                clamp read it (see :meth:`reads_hidden`), add only takes its device and dtype.
             all_on: every entry of C is 1 (then a single steering is a plain add).
         """
         out: torch.Tensor | None = None
+        for a, unit, lo, hi in self._proj.get(layer, ()):
+            u = self._on(f"unit{a}", layer, unit, like)  # [d]
+            h = like if out is None else like + out
+            p = (h * u).sum(-1, keepdim=True)  # [..., 1]: the projection onto u
+            part = coef[..., a : a + 1] * (p.clamp(lo, hi) - p) * u  # [..., d]
+            out = part if out is None else out + part
         if layer in self._w:
             w = self._on("w", layer, self._w[layer], like)  # [A_l, d]
             index = self._index[layer]
             if all_on and index is None and w.shape[0] == 1:
-                out = w[0]  # every token steered by the one steering: plain add
+                added = w[0]  # every token steered by the one steering: plain add
             else:
                 c = coef if index is None else coef[..., index.to(coef.device)]
-                out = c @ w  # [..., A_l] @ [A_l, d] -> [..., d]
+                added = c @ w  # [..., A_l] @ [A_l, d] -> [..., d]
+            out = added if out is None else out + added
         for a, matrix in self._actadd.get(layer, ()):
             rows = self._on(f"actadd{a}", layer, matrix, like)  # [k, d]
             at = t.to(like.device).clamp(0, rows.shape[0] - 1)

@@ -1,36 +1,49 @@
-"""What to steer: one vector, multiplier, set of layers, position policy and scale.
+"""What to steer: one vector, operator, multiplier, set of layers, position policy and scale.
 
 A :class:`Steering` is an engine-independent value; :mod:`steerlab.core.plan` turns the
-steerings of a batch into the per-token deltas that every engine adds.
+steerings of a batch into the per-token changes that every engine applies. Operators
+(docs/design.md, "Operators"): ``add`` adds ``multiplier * v``; ``ablate`` projects the
+direction out (``h <- h - (h.u)u``, ``u = v/|v|``); ``clamp`` keeps the projection ``h.u``
+inside ``[lo, hi]``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from steerlab.core.condition import Condition
 from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import Policy, Span
 from steerlab.core.vector import SteeringVector
 
 Scale = Literal["absolute", "relative"]
+Operator = Literal["add", "ablate", "clamp"]
+OPERATORS: tuple[str, ...] = ("add", "ablate", "clamp")
 
 
 @dataclass(frozen=True)
 class Steering:
-    """One vector applied with one multiplier, set of layers and position policy.
+    """One vector applied with one operator, set of layers and position policy.
 
     Args:
         vector: the steering vector.
-        multiplier: alpha in ``h <- h + alpha * v``.
+        multiplier: alpha in ``h <- h + alpha * v`` (operator ``add`` only; ``ablate`` and
+            ``clamp`` take 1, the default, or 0 for "off").
         layers: the layers to steer (default: every layer of the vector).
         policy: a :class:`Policy` or its name, e.g. ``after-prompt``.
         scale: ``absolute`` adds ``alpha * v``; ``relative`` adds a vector of norm
             ``alpha * (mean residual norm at that layer)`` in the direction of ``v``.
+        operator: ``add`` (the default), ``ablate`` (project ``v``'s direction out of the
+            hidden state) or ``clamp`` (keep the projection onto ``v/|v|`` in ``clamp``).
+        clamp: ``(lo, hi)``, the range of the projection for operator ``clamp``; ends may
+            be equal (pin the projection to a value).
+        condition: steer a row only when its prompt passes this :class:`Condition`
+            (decided before decoding by :func:`steerlab.decode` and ``steerlab.generate``).
     """
 
     vector: SteeringVector
@@ -38,6 +51,9 @@ class Steering:
     layers: tuple[int, ...] | None = None
     policy: Policy = field(default_factory=Policy)
     scale: Scale = "absolute"
+    operator: Operator = "add"
+    clamp: tuple[float, float] | None = None
+    condition: Condition | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy.parse(self.policy))
@@ -53,6 +69,20 @@ class Steering:
                 f"{','.join(map(str, self.vector.layers))}"
             )
         object.__setattr__(self, "layers", layers)
+        self._check_operator(layers)
+        if self.condition is not None:
+            if not isinstance(self.condition, Condition):
+                raise SteerlabError("condition must be a steerlab Condition")
+            mine, theirs = self.vector.model, self.condition.vector.model
+            if (mine.hidden_size, mine.num_layers) != (theirs.hidden_size, theirs.num_layers) or (
+                mine.fingerprint and theirs.fingerprint and mine.fingerprint != theirs.fingerprint
+            ):
+                raise SteerlabError(
+                    f"the condition vector was made on {theirs.name} "
+                    f"(d={theirs.hidden_size}, {theirs.num_layers} layers), the steering vector "
+                    f"on {mine.name} (d={mine.hidden_size}, {mine.num_layers} layers): use a "
+                    "condition vector from the same model"
+                )
         if (self.policy.kind == "actadd") != self.vector.positionwise:
             raise SteerlabError(
                 "policy actadd needs a position-wise (k x d) vector from `steerlab extract "
@@ -65,12 +95,68 @@ class Steering:
                     f"--scale relative needs the residual norm of layer {absent[0]}, which the "
                     "vector does not record: use --scale absolute"
                 )
-        for layer in layers:
+        for layer in layers if self.operator == "add" else ():
             if not bool(torch.isfinite(self.delta(layer)).all()):
                 raise SteerlabError(
                     f"multiplier {self.multiplier:g} times the vector overflows float32 at "
                     f"layer {layer}: use a smaller multiplier"
                 )
+
+    def _check_operator(self, layers: tuple[int, ...]) -> None:
+        if self.operator not in OPERATORS:
+            raise SteerlabError(
+                f"operator must be one of {', '.join(OPERATORS)}, got {self.operator!r}"
+            )
+        if self.operator == "add":
+            if self.clamp is not None:
+                raise SteerlabError("clamp=(lo, hi) needs operator 'clamp'")
+            return
+        what = f"operator {self.operator}"
+        if self.multiplier not in (0.0, 1.0):
+            raise SteerlabError(
+                f"multiplier applies to operator add only: leave it at 1 for {what} "
+                "(0 turns it off)"
+            )
+        if self.scale != "absolute":
+            raise SteerlabError(f"scale relative applies to operator add only, not {what}")
+        if self.vector.positionwise:
+            raise SteerlabError(f"{what} needs one direction per layer, not a position-wise vector")
+        if self.operator == "clamp":
+            if self.clamp is None:
+                raise SteerlabError("operator clamp needs clamp=(lo, hi), the projection's range")
+            try:
+                lo, hi = (float(x) for x in self.clamp)
+            except (TypeError, ValueError):
+                raise SteerlabError("clamp must be two numbers (lo, hi)") from None
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise SteerlabError(f"clamp range ({lo:g}, {hi:g}) must have finite ends")
+            if lo > hi:
+                raise SteerlabError(f"clamp range ({lo:g}, {hi:g}) has lo > hi: swap the ends")
+            object.__setattr__(self, "clamp", (lo, hi))
+        elif self.clamp is not None:
+            raise SteerlabError("clamp=(lo, hi) needs operator 'clamp', not 'ablate'")
+        for layer in layers:
+            norm = float(self.vector.directions[layer].norm())
+            if not (math.isfinite(norm) and norm > 0.0):
+                raise SteerlabError(
+                    f"{what} needs a non-zero direction, but the vector is zero (or not finite) "
+                    f"at layer {layer}"
+                )
+
+    @property
+    def projects(self) -> bool:
+        """Whether this steering acts on the projection onto its direction (ablate, clamp)."""
+        return self.operator != "add"
+
+    @property
+    def projection_range(self) -> tuple[float, float]:
+        """The range ``ablate`` (0, 0) or ``clamp`` keeps the projection onto ``u`` in."""
+        return (0.0, 0.0) if self.operator == "ablate" else self.clamp or (0.0, 0.0)
+
+    def unit(self, layer: int) -> torch.Tensor:
+        """The float32 unit direction ``u = v/|v|`` at ``layer``."""
+        v = self.vector.directions[layer].float()
+        return v / v.norm()
 
     @property
     def steered_layers(self) -> tuple[int, ...]:
@@ -83,7 +169,16 @@ class Steering:
 
     def with_multiplier(self, multiplier: float) -> Steering:
         """The same steering with another multiplier."""
-        return Steering(self.vector, multiplier, self.layers, self.policy, self.scale)
+        return Steering(
+            self.vector,
+            multiplier,
+            self.layers,
+            self.policy,
+            self.scale,
+            self.operator,
+            self.clamp,
+            self.condition,
+        )
 
     def delta(self, layer: int) -> torch.Tensor:
         """The float32 tensor added at ``layer`` (``[d]`` or ``[k, d]``)."""
@@ -94,6 +189,27 @@ class Steering:
         if norm == 0.0:
             return v * 0.0
         return v * (self.multiplier * self.vector.residual_norms[layer] / norm)
+
+
+def operator_fields(item: Mapping[str, Any]) -> tuple[Operator, tuple[float, float] | None]:
+    """``operator`` and ``clamp`` of a JSON steering entry (a server's or vLLM's request).
+
+    Raises:
+        SteerlabError: one line naming the field and the fix (the caller names the entry).
+    """
+    operator = item.get("operator", "add")
+    if operator not in OPERATORS:
+        raise SteerlabError(f"operator must be one of {', '.join(OPERATORS)}")
+    raw = item.get("clamp")
+    if raw is None:
+        return operator, None
+    if (
+        not isinstance(raw, (list, tuple))
+        or len(raw) != 2
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw)
+    ):
+        raise SteerlabError("clamp must be [lo, hi], two numbers")
+    return operator, (float(raw[0]), float(raw[1]))
 
 
 def as_steerings(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,25 +21,15 @@ from steerlab.core.errors import SteerlabError
 from steerlab.core.prompts import encode_prompts
 from steerlab.core.sampling import Sampling
 from steerlab.core.steering import Steering
+from steerlab.hf.conditions import resolve_conditions
 from steerlab.hf.hooks import Steerer
-from steerlab.hf.layers import LayerMap, input_device
+from steerlab.hf.layers import LayerMap, cache_kwarg, find_layers, input_device
 from steerlab.hf.transient import cache_of, can_share, shared_step
 
 if TYPE_CHECKING:
     from steerlab.hf.model import LoadedModel
 
 __all__ = ["Decoded", "Sampling", "cache_kwarg", "decode", "generate", "generate_multipliers"]
-
-
-@functools.lru_cache(maxsize=64)
-def _cache_kwarg_of(cls: Any) -> str:
-    params = inspect.signature(cls.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def cache_kwarg(model: nn.Module) -> str:
-    """The forward keyword for the KV cache: ``cache`` (transformers 5) or ``past_key_values``."""
-    return _cache_kwarg_of(type(model))  # type: ignore[arg-type]
 
 
 def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> Any:
@@ -146,6 +135,8 @@ def decode(
     if sampling.temperature > 0:
         generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else 0)
     lengths = [int(n) for n in attention_mask.sum(-1).tolist()]
+    layer_map = layer_map or find_layers(model)
+    steering = resolve_conditions(model, layer_map, input_ids, attention_mask, steering)
     steerer = Steerer(
         model,
         steering,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,3 +192,14 @@ def replace_block_output(output: object, hidden: torch.Tensor) -> object:
         return hidden
     assert isinstance(output, tuple)
     return (hidden, *output[1:])
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_kwarg_of(cls: Any) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward keyword for the KV cache: ``cache`` (transformers 5) or ``past_key_values``."""
+    return _cache_kwarg_of(type(model))  # type: ignore[arg-type]

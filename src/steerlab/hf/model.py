@@ -76,6 +76,7 @@ class LoadedModel:
     layers: LayerMap
     info: ModelInfo
     supports_explain: ClassVar[bool] = True  # decode_batch(explain=k): per-token KL
+    supports_conditions: ClassVar[bool] = True  # conditional steerings (decided in decode)
 
     @property
     def device(self) -> torch.device:

@@ -17,8 +17,7 @@ from torch import nn
 
 from steerlab.core.errors import SteerlabError
 from steerlab.core.prompts import pad_batch, position_ids
-from steerlab.hf.decoding import cache_kwarg
-from steerlab.hf.layers import LayerMap, block_output, input_device
+from steerlab.hf.layers import LayerMap, block_output, cache_kwarg, input_device
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """The reference semantics of docs/design.md, written plainly: no cache, no batching.
 
-At every step the whole sequence is recomputed from scratch and each steering adds its
-vector at exactly the positions its policy names. Slow on purpose; the tests hold the
+At every step the whole sequence is recomputed from scratch and each steering applies its
+operator at exactly the positions its policy names: ``add`` adds its vector, ``ablate`` and
+``clamp`` replace the projection ``h.u`` onto the unit direction by 0 or by its value clamped
+to the range. At a layer the projection operators act first, in the order given, then the
+additions. Slow on purpose; the tests hold the
 fast implementations in :mod:`steerlab.hf.hooks` and :mod:`steerlab.hf.decoding` to it.
 The positions come from :meth:`steerlab.core.policy.Policy.span`, as in every engine.
 """
@@ -45,7 +48,8 @@ def reference_logits(
     layer_map = layer_map or find_layers(model)
     handles = []
     try:
-        for s in steerings:
+        ordered = [s for s in steerings if s.projects] + [s for s in steerings if not s.projects]
+        for s in ordered:
             if s.multiplier == 0.0:
                 continue
             marker_at = None
@@ -53,6 +57,13 @@ def reference_logits(
                 marker_at = marker_end(tokenizer, list(ids[:prompt_len]), str(s.policy.marker))
             positions = steered_positions(s, prompt_len, len(ids), marker_at)
             for layer in s.steered_layers:
+                if s.projects:
+                    handles.append(
+                        layer_map.blocks[layer].register_forward_hook(
+                            _projection_hook(s.unit(layer), *s.projection_range, positions)
+                        )
+                    )
+                    continue
                 delta = s.delta(layer)
 
                 def hook(
@@ -75,6 +86,21 @@ def reference_logits(
     finally:
         for h in handles:
             h.remove()
+
+
+def _projection_hook(unit: torch.Tensor, lo: float, hi: float, positions: list[int]) -> Any:
+    """A hook that sets ``h.u`` to ``clamp(h.u, lo, hi)`` at each position, one by one."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        hidden = block_output(output).clone()  # [1, seq, d]
+        u = unit.to(hidden.device, hidden.dtype)
+        for t in positions:
+            h = hidden[0, t]
+            p = torch.dot(h, u)
+            hidden[0, t] = h + (p.clamp(lo, hi) - p) * u
+        return replace_block_output(output, hidden)
+
+    return hook
 
 
 @torch.no_grad()
