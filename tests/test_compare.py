@@ -11,7 +11,7 @@ import tiny
 from helpers import random_vector, start_server
 
 from steerlab import SteerlabError
-from steerlab.evaluation.sweep import SWEEP_PLOTS, read_sweep
+from steerlab.evaluation.sweep_summary import SWEEP_PLOTS, read_sweep
 from steerlab.formats import save_vector
 from steerlab.serving.app import Limits, create_app, load_vectors
 from steerlab.serving.service import ApiError, Service

@@ -15,7 +15,7 @@ from helpers import random_vector, start_server
 from test_compare import write_sweep
 
 from steerlab.evaluation import pages, projection
-from steerlab.evaluation.sweep import read_sweep
+from steerlab.evaluation.sweep_summary import read_sweep
 from steerlab.formats import load_vector, save_vector
 from steerlab.serving.app import Limits, create_app, load_vectors
 

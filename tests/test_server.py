@@ -142,6 +142,39 @@ def test_concurrent_requests_do_not_leak_steering(client):
         ({"steering": [{"vector": "happy", "policy": "actadd"}]}, 400, "position-wise"),
         ({"steering": [{"vector": "happy", "policy": "from-marker:ZZZ"}]}, 400, "does not occur"),
         ({"steering": {"vector": "happy"}}, 400, "must be a list"),
+        (
+            {"steering": [{"vector": "happy", "operator": "clamp", "clamp": [3, 1]}]},
+            400,
+            "lo > hi",
+        ),
+        ({"steering": [{"vector": "happy", "operator": "clamp", "clamp": "0,1"}]}, 400, "[lo, hi]"),
+        ({"steering": [{"vector": "happy", "operator": "clamp"}]}, 400, "needs clamp"),
+        ({"steering": [{"vector": "happy", "operator": "spin"}]}, 400, "operator must be one of"),
+        (
+            {"steering": [{"vector": "happy", "condition": {"vector": "zz", "layer": 1}}]},
+            404,
+            "unknown vector 'zz'",
+        ),
+        (
+            {"steering": [{"vector": "happy", "condition": {"vector": "sad", "layer": 2}}]},
+            400,
+            "threshold",
+        ),
+        (
+            {
+                "steering": [
+                    {"vector": "happy", "condition": {"vector": "sad", "layer": 2, "threshold": 0}}
+                ]
+            },
+            400,
+            "has no layer 2",
+        ),
+        ({"steering": [{"vector": "happy", "condition": [1]}]}, 400, "must be an object"),
+        (
+            {"steering": [{"vector": "happy", "operator": "ablate", "multiplier": 4}]},
+            400,
+            "add only",
+        ),
         ({"max_tokens": 100000}, 400, "above this server's limit"),
         ({"max_tokens": 0}, 400, "positive integer"),
         ({"messages": []}, 400, "'messages'"),
@@ -160,6 +193,46 @@ def test_validation_errors_are_openai_style(server, body, status, fragment):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert fragment in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_ablate_and_clamp_requests_equal_decode(server, client):
+    from steerlab import Sampling, Steering, decode
+    from steerlab.core.prompts import encode_prompts
+
+    lm = tiny.model("llama")
+    vector = random_vector(lm, [1, 2], seed=1, scale=2.0)  # the server's "happy"
+    cases = [
+        ({"operator": "ablate", "policy": "all"}, dict(operator="ablate", policy="all")),
+        (
+            {"operator": "clamp", "clamp": [1.5, 1.5], "layers": [2]},
+            dict(operator="clamp", clamp=(1.5, 1.5), layers=(2,)),
+        ),
+    ]
+    for entry, kwargs in cases:
+        r = client.completions.create(
+            model="tiny",
+            prompt="the cat sat",
+            max_tokens=8,
+            extra_body={"steering": [{"vector": "happy", **entry}]},
+        )
+        ids, mask = encode_prompts(lm.tokenizer, ["the cat sat"], chat=False)
+        out = decode(lm.model, ids, mask, [Steering(vector, **kwargs)], Sampling(8))
+        assert r.choices[0].text == lm.tokenizer.decode(out.tokens[0], skip_special_tokens=True)
+
+
+def test_conditional_steering_applies_only_where_the_condition_holds(client):
+    def ask(steering):
+        r = client.completions.create(
+            model="tiny", prompt="the cat sat", max_tokens=8, extra_body={"steering": steering}
+        )
+        return r.choices[0].text
+
+    plain = {"vector": "happy", "multiplier": 6, "policy": "all"}
+    always = {"vector": "sad", "layer": 1, "threshold": -1e6}
+    never = {"vector": "sad", "layer": 1, "threshold": 1e6}
+    assert ask([{**plain, "condition": always}]) == ask([plain]) != ask([])
+    assert ask([{**plain, "condition": never}]) == ask([])
+    assert ask([{**plain, "condition": {**never, "above": False}}]) == ask([plain])
 
 
 def test_bad_json_and_openai_client_error(server, client):
@@ -205,8 +278,10 @@ def test_playground_page_is_served(server):
         'id="vector"',
         'id="multiplier"',
         'id="policy"',
-        'id="steered"',
-        'id="unsteered"',
+        'id="factors"',
+        'id="rows"',
+        'id="explain"',
+        'id="error"',
     ):
         assert element in page
     assert json.loads(httpx.get(server + "/v1/vectors").text)["object"] == "list"

@@ -95,6 +95,8 @@ def _hf(lm, vecs, prompts, entries_per_row):
                     e.get("multiplier", 1.0),
                     None if e.get("layers") is None else tuple(e["layers"]),
                     Policy.parse(e.get("policy", "after-prompt")),
+                    operator=e.get("operator", "add"),
+                    clamp=None if e.get("clamp") is None else tuple(e["clamp"]),
                 )
                 for e in entries
             ]
@@ -131,6 +133,22 @@ def test_every_policy_equals_the_hugging_face_engine(setup, policy, vector):
     for entries in (one_layer, several):
         rows = [entries] * len(ids)
         assert _vllm(llm, ids, rows) == _hf(lm, vecs, ids, rows), (policy, entries)
+
+
+def test_ablate_and_clamp_equal_the_hugging_face_engine(setup):
+    lm, llm, vecs, ids = setup
+    rows = [
+        [{"vector": "joy", "operator": "ablate", "policy": "all"}],
+        [{"vector": "calm", "operator": "clamp", "clamp": [3.0, 3.0], "layers": [9]}],
+        [
+            {"vector": "joy", "operator": "ablate", "layers": [9]},
+            {"vector": "calm", "multiplier": 4.0, "layers": [9]},
+        ],
+        [],
+    ]
+    together = _vllm(llm, ids, rows)
+    assert together == _hf(lm, vecs, ids, rows)
+    assert together[1] != _vllm(llm, ids[1:2], [[]])[0]  # the clamp changed the text
 
 
 def test_concurrent_mixed_requests_equal_each_alone(setup):
@@ -177,6 +195,8 @@ def test_prefix_caching_never_mixes_steered_and_unsteered_blocks(setup):
         ([{"vector": "joy", "multiplier": float("inf")}], "finite"),
         ([{"vector": "../../etc/passwd"}], "unknown vector"),
         ([{"vector": "joy", "policy": "transient"}], "Hugging Face engine"),
+        ([{"vector": "joy", "operator": "clamp", "clamp": [2, 1]}], "lo > hi"),
+        ([{"vector": "joy", "operator": "spin"}], "operator must be one of"),
     ],
 )
 def test_bad_steering_is_refused_before_the_engine(setup, entries, message):

@@ -18,9 +18,6 @@ or not, frees its row at the next token. :class:`Guard` refuses foreign ``Host``
 # No `from __future__ import annotations`: FastAPI resolves the endpoints' annotations
 # (Request) at runtime from this module's and create_app's namespaces.
 import asyncio
-import base64
-import json
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -31,9 +28,17 @@ from typing import Any
 from steerlab.core.engine import Engine
 from steerlab.core.errors import SteerlabError
 from steerlab.core.vector import SteeringVector
-from steerlab.evaluation.projection import token_pieces
-from steerlab.evaluation.sweep import SweepSummary
+from steerlab.evaluation.sweep_summary import SweepSummary
 from steerlab.serving.batcher import Job, QueueFull
+from steerlab.serving.events import (
+    ClientGone,
+    Text,
+    completion,
+    explained,
+    failure,
+    sse,
+    sweep_json,
+)
 from steerlab.serving.guard import Guard, Security, is_loopback
 from steerlab.serving.service import (
     ApiError,
@@ -127,7 +132,7 @@ def create_app(
             "data": [{"id": name, "object": "model", "created": 0, "owned_by": "steerlab"}],
         }
 
-    sweep_page = None if sweep is None else _sweep_json(sweep, sweep_vector)
+    sweep_page = None if sweep is None else sweep_json(sweep, sweep_vector)
 
     @app.get("/v1/steerlab/sweep")
     async def sweep_summary() -> Any:
@@ -176,11 +181,11 @@ def create_app(
 
         async def tokens() -> AsyncIterator[tuple[str, str | None]]:
             """(text delta, finish reason) as tokens arrive."""
-            text = _Text(tok)
+            text = Text(tok)
             while True:
                 kind, value = await _next_event(events, request, [job], deadline)
                 if kind == "error":
-                    raise _failure(value)
+                    raise failure(value)
                 if kind == "done":
                     yield text.rest(), value
                     return
@@ -194,12 +199,12 @@ def create_app(
                 async for delta, finish in tokens():
                     parts.append(delta)
                     reason = finish or reason
-            except _ClientGone:
+            except ClientGone:
                 return JSONResponse({}, status_code=499)  # nobody is left to read it
             finally:
                 job.cancelled.set()  # a no-op when it finished; frees the row when not
             text = "".join(parts)
-            return _completion(rid, created, name, chat, text, reason, len(ids), tok)
+            return completion(rid, created, name, chat, text, reason, len(ids), tok)
 
         async def stream() -> AsyncIterator[str]:
             obj = "chat.completion.chunk" if chat else "text_completion"
@@ -207,7 +212,7 @@ def create_app(
             try:
                 if chat:
                     first = {"index": 0, "delta": {"role": "assistant", "content": ""}}
-                    yield _sse({**head, "choices": [{**first, "finish_reason": None}]})
+                    yield sse({**head, "choices": [{**first, "finish_reason": None}]})
                 async for delta, finish in tokens():
                     if chat:
                         choice: dict[str, Any] = {
@@ -222,11 +227,11 @@ def create_app(
                             "finish_reason": finish,
                             "logprobs": None,
                         }
-                    yield _sse({**head, "choices": [choice]})
+                    yield sse({**head, "choices": [choice]})
                 yield "data: [DONE]\n\n"
             except ApiError as exc:
-                yield _sse(exc.body())
-            except _ClientGone:
+                yield sse(exc.body())
+            except ClientGone:
                 return
             finally:
                 job.cancelled.set()
@@ -271,32 +276,32 @@ def create_app(
         }
 
         async def stream() -> AsyncIterator[str]:
-            texts = [_Text(tok) for _ in jobs]
+            texts = [Text(tok) for _ in jobs]
             open_rows = set(range(len(jobs)))
             try:
-                yield _sse(head)
+                yield sse(head)
                 while open_rows:
                     r, kind, value = await _next_event(events, request, jobs, deadline)
                     text = texts[r]
                     if kind == "token":
                         delta = text.add(int(value))
                         if delta:
-                            yield _sse({"row": r, "delta": delta})
+                            yield sse({"row": r, "delta": delta})
                     elif kind == "explain":
-                        yield _sse({"row": r, "explain": _explained(text, value, tok)})
+                        yield sse({"row": r, "explain": explained(text, value, tok)})
                     elif kind == "done":
                         rest = text.rest()
                         if rest:
-                            yield _sse({"row": r, "delta": rest})
-                        yield _sse({"row": r, "finish_reason": value})
+                            yield sse({"row": r, "delta": rest})
+                        yield sse({"row": r, "finish_reason": value})
                         open_rows.discard(r)
                     else:  # this row failed; the others go on
-                        yield _sse({"row": r, **_failure(value).body()})
+                        yield sse({"row": r, **failure(value).body()})
                         open_rows.discard(r)
                 yield "data: [DONE]\n\n"
             except ApiError as exc:
-                yield _sse(exc.body())
-            except _ClientGone:
+                yield sse(exc.body())
+            except ClientGone:
                 return
             finally:
                 for job in jobs:
@@ -326,110 +331,13 @@ async def _next_event(
             if await request.is_disconnected():
                 for job in jobs:
                     job.cancelled.set()
-                raise _ClientGone from None
+                raise ClientGone from None
             if time.monotonic() > deadline + 1.0:
                 for job in jobs:
                     job.cancelled.set()
                 raise ApiError(
                     504, "the request ran past its deadline", kind="server_error"
                 ) from None
-
-
-def _failure(message: Any) -> ApiError:
-    status = 504 if "deadline" in str(message) else 500
-    return ApiError(status, f"generation failed: {message}", kind="server_error")
-
-
-class _Text:
-    """A row's text as its tokens arrive: deltas that never split a multi-byte character."""
-
-    def __init__(self, tok: Any) -> None:
-        self.tok, self.sent = tok, ""
-        self.ids: list[int] = []
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""  # half a character: wait for the rest
-        delta, self.sent = text[len(self.sent) :], text
-        return delta
-
-    def rest(self) -> str:
-        """What is left to send once the row is done (a trailing half character)."""
-        return self.tok.decode(self.ids, skip_special_tokens=True)[len(self.sent) :]
-
-
-class _ClientGone(Exception):  # noqa: N818
-    """The client closed the connection: its job is cancelled and nothing is sent."""
-
-
-def _sweep_json(sweep: SweepSummary, vector: str | None) -> dict[str, Any]:
-    """What ``/v1/steerlab/sweep`` answers: the recommendation, the table, the plots inline
-    (data URIs, so they load with an API key too); non-finite numbers become null."""
-
-    def clean(row: dict[str, Any]) -> dict[str, Any]:
-        keys = ("layer", "multiplier", "behaviour", "fluency", "kl", "shift", "baseline")
-        return {
-            k: None if isinstance(row[k], float) and not math.isfinite(row[k]) else row[k]
-            for k in keys
-            if k in row
-        }
-
-    best = sweep.recommendation
-    return {
-        "object": "steerlab.sweep",
-        "vector": vector,
-        "perplexity_bound": sweep.perplexity_bound,
-        "recommendation": None if best is None else clean(best),
-        "rows": [clean(r) for r in sweep.rows],
-        "plots": [
-            {"name": name, "src": "data:image/png;base64," + base64.b64encode(png).decode()}
-            for name, png in sweep.plots.items()
-        ],
-    }
-
-
-def _explained(text: _Text, value: dict[str, Any], tok: Any) -> dict[str, Any]:
-    """An explain event for the page: each token's text, KL and most changed tokens."""
-    top = [
-        [{"token": tok.decode([i]), "steered": p, "unsteered": q} for i, p, q in changes]
-        for changes in value["top"]
-    ]
-    pieces = token_pieces(tok, text.ids[: len(value["kl"])], skip_special_tokens=True)
-    return {"pieces": pieces, "kl": value["kl"], "top": top}
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
-
-
-def _completion(
-    rid: str, created: int, model: str, chat: bool, text: str, reason: str, prompt: int, tok: Any
-) -> dict[str, Any]:
-    completion_tokens = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
-    usage = {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt + completion_tokens,
-    }
-    if chat:
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": reason,
-            "logprobs": None,
-        }
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-    return {
-        "id": rid,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": usage,
-    }
 
 
 def serve(

@@ -8,27 +8,40 @@ numbers and depth; every number field is range-checked before it reaches ``int()
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from steerlab.core.condition import Condition
 from steerlab.core.engine import Engine
 from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import Policy, check_marker
 from steerlab.core.prompts import encode, render_messages
-from steerlab.core.steering import Steering
+from steerlab.core.steering import Steering, operator_fields
 from steerlab.core.vector import SteeringVector
-from steerlab.formats import load_vector
 from steerlab.serving.batcher import Batcher
+from steerlab.serving.bodies import (
+    ApiError,
+    describe_vector,
+    integer,
+    load_vectors,
+    number,
+    parse_body,
+)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-_MAX_INT_DIGITS = 19  # larger JSON integers are read as floats (then range-checked)
+__all__ = [
+    "ApiError",
+    "Comparison",
+    "Limits",
+    "Service",
+    "describe_vector",
+    "integer",
+    "load_vectors",
+    "number",
+    "parse_body",
+]
+
 _MAX_SEED = 2**63 - 1
 _MAX_EXPLAIN = 20  # most changed tokens per position an explained request may ask for
 
@@ -74,133 +87,6 @@ class Comparison:
     rows: list[list[Steering]]
     explain: int
     chat: bool
-
-
-class ApiError(Exception):
-    """An OpenAI-style error response."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        kind: str = "invalid_request_error",
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}
-        }
-
-
-def _bounded_int(text: str) -> int | float:
-    return int(text) if len(text.lstrip("-")) <= _MAX_INT_DIGITS else float(text)
-
-
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """A JSON object from a request body, with bounded integers and nesting.
-
-    Raises:
-        ApiError: 400 for anything but a JSON object of sane size and depth.
-    """
-    try:
-        body = json.loads(raw, parse_int=_bounded_int)
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    return body
-
-
-def number(value: Any, name: str, lo: float, hi: float, *, low_open: bool = False) -> float:
-    """A finite JSON number within ``[lo, hi]`` (``(lo, hi]`` with ``low_open``).
-
-    Raises:
-        ApiError: 400 naming the field and its range.
-    """
-    span = f"{'(' if low_open else '['}{lo:g}, {hi:g}]"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, f"'{name}' must be a number in {span}", name)
-    x = float(value) if isinstance(value, float) or abs(value) < 10**18 else math.inf
-    if not math.isfinite(x) or x > hi or x < lo or (low_open and x == lo):
-        raise ApiError(400, f"'{name}' must be a finite number in {span}", name)
-    return x
-
-
-def integer(value: Any, name: str, lo: int, hi: int) -> int:
-    """A JSON integer within ``[lo, hi]``.
-
-    Raises:
-        ApiError: 400 naming the field and its range.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ApiError(400, f"'{name}' must be an integer from {lo} to {hi}", name)
-    return value
-
-
-def load_vectors(
-    directory: Path,
-    lm: Engine,
-    allow_mismatch: bool = False,
-    warn: Callable[[str], None] | None = None,
-) -> dict[str, SteeringVector]:
-    """Every ``*.safetensors`` / ``*.gguf`` vector in ``directory``, keyed by file stem.
-
-    Args:
-        warn: called with a one-line message for each unreadable file, which is skipped;
-            without it an unreadable file is an error.
-
-    Raises:
-        SteerlabError: a missing directory, a bad file name, a vector that does not fit
-            the model, or (without ``warn``) an unreadable file.
-    """
-    if not directory.is_dir():
-        raise SteerlabError(f"vector directory '{directory}' does not exist: pass --vectors DIR")
-    vectors: dict[str, SteeringVector] = {}
-    for path in sorted(directory.iterdir()):
-        if path.suffix.lower() not in (".safetensors", ".gguf") or path.name.startswith("."):
-            continue
-        if not _NAME.match(path.stem):
-            raise SteerlabError(
-                f"vector file name '{path.name}' is not a plain name: rename it (letters, digits, _ . -)"
-            )
-        try:
-            vector = load_vector(path)
-        except SteerlabError as exc:
-            if warn is None:
-                raise
-            warn(f"skipping {path.name}: {exc}")
-            continue
-        try:
-            vector.check_model(lm.identity, allow_mismatch)
-        except SteerlabError as exc:
-            raise SteerlabError(f"{path.name}: {exc}") from None
-        vectors[path.stem] = vector
-    return vectors
-
-
-def describe_vector(name: str, vector: SteeringVector, full: bool) -> dict[str, Any]:
-    """What ``/v1/vectors`` shows of a vector: no local paths or notes unless ``full``."""
-    meta = vector.metadata()
-    entry: dict[str, Any] = {
-        "id": name,
-        "object": "steering_vector",
-        "layers": vector.layers,
-        "method": meta["method"],
-        "read_position": meta["read_position"],
-        "positionwise": vector.positionwise,
-        "norms": {str(k): n for k, n in vector.norms().items()},
-        "model": {k: meta["model"][k] for k in ("architecture", "hidden_size", "num_layers")},
-    }
-    if full:
-        entry["metadata"] = meta
-    return entry
 
 
 class Service:
@@ -279,9 +165,18 @@ class Service:
         if not isinstance(policy_text, str) or len(policy_text) > 256:
             raise ApiError(400, f"{where}.policy must be a policy name", f"{where}.policy")
         try:
+            condition = self._condition(f"{where}.condition", item.get("condition"))
             policy = Policy.parse(policy_text)
+            operator, clamp = operator_fields(item)
             steering = Steering(
-                vector, multiplier, None if layers is None else tuple(layers), policy, scale
+                vector,
+                multiplier,
+                None if layers is None else tuple(layers),
+                policy,
+                scale,
+                operator,
+                clamp,
+                condition,
             )
         except SteerlabError as exc:
             raise ApiError(400, f"{where}: {exc}", where) from None
@@ -307,6 +202,40 @@ class Service:
                     f"{where}.multiplier",
                 )
         return steering
+
+    def _condition(self, where: str, raw: Any) -> Condition | None:
+        """``{vector, layer, threshold, above?, reduce?}``: steer only prompts that pass."""
+        if raw is None:
+            return None
+        if not getattr(self.lm, "supports_conditions", False):
+            raise ApiError(
+                400,
+                f"{where}: conditional steering reads the prompt before decoding, which this "
+                "engine does not do: use the Hugging Face engine",
+                where,
+            )
+        if not isinstance(raw, dict):
+            raise ApiError(400, f"{where} must be an object {{vector, layer, threshold}}", where)
+        name = raw.get("vector")
+        if not isinstance(name, str) or name not in self.vectors:
+            shown = name[:64] if isinstance(name, str) else name
+            raise ApiError(
+                404, f"unknown vector {shown!r} in {where}", f"{where}.vector", "not_found_error"
+            )
+        layer = raw.get("layer")
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ApiError(400, f"{where}.layer must be an integer", f"{where}.layer")
+        threshold = number(raw.get("threshold"), f"{where}.threshold", -1e9, 1e9)
+        above = raw.get("above", True)
+        if not isinstance(above, bool):
+            raise ApiError(400, f"{where}.above must be true or false", f"{where}.above")
+        reduce = raw.get("reduce", "mean")
+        if reduce not in ("mean", "last"):
+            raise ApiError(400, f"{where}.reduce must be 'mean' or 'last'", f"{where}.reduce")
+        try:
+            return Condition(self.vectors[name], layer, threshold, above, reduce)
+        except SteerlabError as exc:
+            raise ApiError(400, f"{where}: {exc}", where) from None
 
     def _prompt_ids(self, body: dict[str, Any], chat: bool) -> list[int]:
         tok = self.lm.tokenizer

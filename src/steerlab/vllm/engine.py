@@ -86,6 +86,7 @@ class VllmEngine:
 
     supports_transient = False
     supports_explain = False  # per-token KL needs a second, unsteered model pass
+    supports_conditions = False  # conditions are decided by the HF engine's decode
 
     @property
     def tokenizer(self) -> Any:

@@ -256,7 +256,9 @@ class _Step:
             coef = self._cast.get(residual.dtype)
             if coef is None:
                 coef = self._cast[residual.dtype] = self.coef.to(residual.device, residual.dtype)
-            delta = self.plan.delta(layer, coef, self.t, residual, all_on=self.all_on)
+            # ablate and clamp read the block's output, hidden + residual; add needs neither
+            like = hidden[:n] + residual[:n] if self.plan.reads_hidden(layer) else residual[:n]
+            delta = self.plan.delta(layer, coef, self.t, like, all_on=self.all_on)
             if delta is None:
                 return None
             if self.all_on:

@@ -1,6 +1,6 @@
 """The per-request steering schema for vLLM, shared by the plugin and steerlab's own server.
 
-A request carries ``[{vector, multiplier, layers?, policy?, scale?}]``, as a list in
+A request carries ``[{vector, multiplier, layers?, policy?, scale?, operator?, clamp?}]``, as a list in
 ``SamplingParams.extra_args["steering"]`` (offline) or as a JSON string in the OpenAI
 server's ``vllm_xargs``. Vectors are named, never given by path.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import Policy
-from steerlab.core.steering import Steering
+from steerlab.core.steering import Steering, operator_fields
 from steerlab.core.vector import SteeringVector
 
 KEY = "steering"
@@ -78,16 +78,24 @@ def parse(
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
         ):
             raise SteerlabError(f"{where}.layers must be a non-empty list of integers")
+        if item.get("condition") is not None:
+            raise SteerlabError(
+                f"{where}: conditional steering reads the prompt before decoding, which "
+                "steerlab's vLLM plugin does not do: use the Hugging Face engine"
+            )
         policy = item.get("policy", "after-prompt")
         if not isinstance(policy, str) or len(policy) > 256:
             raise SteerlabError(f"{where}.policy must be a policy name")
         try:
+            operator, clamp = operator_fields(item)
             steering = Steering(
                 vectors[name],
                 float(multiplier),
                 None if layers is None else tuple(layers),
                 Policy.parse(policy),
                 item.get("scale", "absolute"),
+                operator,
+                clamp,
             )
         except SteerlabError as exc:
             raise SteerlabError(f"{where}: {exc}") from None
