@@ -125,6 +125,57 @@ def test_generate_json_and_table(workspace, vector):
     assert table.returncode == 0 and "unsteered" in table.stdout
 
 
+def test_generate_with_ablate_and_clamp(workspace, vector):
+    base = ["generate", "hello", "--model", str(workspace / "model"), "--vector", str(vector)]
+    ablated = run(*base, "--layer", "2", "--operator", "ablate", "-n", "6", "--json")
+    assert ablated.returncode == 0, ablated.stderr
+    payload = json.loads(ablated.stdout)
+    assert payload["operator"] == "ablate"
+    assert [c["multiplier"] for c in payload["completions"]] == [0.0, 1.0]
+    clamped = run(*base, "--operator", "clamp", "--clamp", "2,2", "-n", "4")
+    assert clamped.returncode == 0 and "clamped" in clamped.stdout
+    for extra, message in [
+        (["--operator", "clamp", "--clamp", "3,1"], "lo > hi"),
+        (["--operator", "clamp", "--clamp", "x"], "is not two numbers"),
+        (["--operator", "clamp"], "needs clamp"),
+        (["--operator", "spin"], "unknown operator 'spin'"),
+        (["--operator", "ablate", "-x", "4"], "add only"),
+    ]:
+        bad = run(*base, *extra, "-n", "2")
+        assert bad.returncode != 0 and message in bad.stderr, (extra, bad.stderr)
+        assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_condition_fit_and_generate_with_it(workspace, vector, tmp_path):
+    labelled = tmp_path / "labelled.jsonl"
+    lines = [{"text": f"yes good {i}", "label": 1} for i in range(6)]
+    lines += [{"text": f"no bad {i}", "label": 0} for i in range(6)]
+    labelled.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    model = str(workspace / "model")
+    cond = tmp_path / "cond.json"
+    fitted = run(
+        "condition", "fit", str(labelled), "-v", str(vector), "-l", "2", "--model", model,
+        "-o", str(cond), "--json",
+    )  # fmt: skip
+    assert fitted.returncode == 0, fitted.stderr
+    payload = json.loads(fitted.stdout)
+    assert payload["positives"] == 6 and payload["negatives"] == 6
+    assert 0.5 <= payload["accuracy"] <= 1.0 and json.loads(cond.read_text()) == payload
+    base = ["generate", "hello", "--model", model, "--vector", str(vector), "-n", "4", "--json"]
+    gated = run(*base, "--condition", str(cond))
+    assert gated.returncode == 0, gated.stderr
+    assert [c["multiplier"] for c in json.loads(gated.stdout)["completions"]] == [0.0, 4.0]
+    for args, message in [
+        (["condition", "fit", str(labelled), "-v", str(vector), "-l", "7", "--model", model],
+         "has no layer 7"),
+        (["condition", "fit", str(workspace / "pairs.jsonl"), "-v", str(vector), "-l", "2",
+          "--model", model, "--reduce", "max"], "--reduce 'max'"),
+        ([*base, "--condition", str(tmp_path / "none.json")], "no such condition file"),
+        ([*base, "--condition", str(labelled)], "not a condition file"),
+    ]:  # fmt: skip
+        assert_error(run(*args), message)
+
+
 def test_bad_inputs_are_one_line_errors(workspace, vector, tmp_path):
     model = str(workspace / "model")
     bad = tmp_path / "bad.jsonl"

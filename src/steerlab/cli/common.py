@@ -40,7 +40,14 @@ def load(model: str, device: str | None, dtype: str | None, layers_path: str | N
 
 
 def steerings_of(
-    vector: Path, layers: str | None, policy: str, scale: str, lm: Any, allow_mismatch: bool
+    vector: Path,
+    layers: str | None,
+    policy: str,
+    scale: str,
+    lm: Any,
+    allow_mismatch: bool,
+    operator: str = "add",
+    clamp: tuple[float, float] | None = None,
 ) -> list[Any]:
     """The steering a command's --vector/--layer/--policy/--scale options name (multiplier 1)."""
     from steerlab.core.steering import Steering
@@ -51,7 +58,22 @@ def steerings_of(
     for warning in vec.check_model(lm.identity, allow_mismatch):
         warn(warning)
     chosen = None if layers is None else tuple(resolve_layers(layers, lm.info.num_layers))
-    return [Steering(vec, 1.0, chosen, policy, scale)]  # type: ignore[arg-type]
+    return [Steering(vec, 1.0, chosen, policy, scale, operator, clamp)]  # type: ignore[arg-type]
+
+
+def clamp_range(text: str | None) -> tuple[float, float] | None:
+    """``--clamp LO,HI`` as two numbers (None when not given)."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise SteerlabError(
+            f"--clamp {text!r} is not two numbers: give the projection's range as LO,HI, e.g. 0,2"
+        ) from None
 
 
 def judge_of(

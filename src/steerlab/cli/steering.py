@@ -14,6 +14,7 @@ from steerlab.cli.common import (
     DtypeOpt,
     ModelOpt,
     app,
+    clamp_range,
     err,
     load,
     out,
@@ -22,6 +23,7 @@ from steerlab.cli.common import (
 )
 from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import POLICY_HELP, Policy, check_marker
+from steerlab.core.steering import OPERATORS
 
 
 @app.command()
@@ -32,8 +34,25 @@ def generate(
     layer: str | None = typer.Option(
         None, "--layer", "-l", help="Layers to steer (default: all of the vector's)."
     ),
-    multiplier: list[float] = typer.Option(
-        [4.0], "--multiplier", "-x", help="Repeat for several values."
+    multiplier: list[float] | None = typer.Option(
+        None,
+        "--multiplier",
+        "-x",
+        help="Repeat for several values (default 4; ablate and clamp take 1, the default).",
+    ),
+    operator: str = typer.Option(
+        "add",
+        "--operator",
+        help="add (the multiplier times the vector), ablate (project its direction out) or "
+        "clamp (keep the projection onto it inside --clamp).",
+    ),
+    clamp: str | None = typer.Option(
+        None, "--clamp", help="LO,HI: the projection's range for --operator clamp."
+    ),
+    condition: Path | None = typer.Option(
+        None,
+        "--condition",
+        help="Steer only if the prompt passes this condition (from `steerlab condition fit -o`).",
     ),
     policy: str = typer.Option(
         "after-prompt",
@@ -67,19 +86,35 @@ def generate(
 
     Policy.parse(policy)  # a bad policy fails before the model loads
     check_engine(engine)
+    clamp_to = clamp_range(clamp)
+    if operator not in OPERATORS:
+        raise SteerlabError(f"unknown operator {operator!r}: use {', '.join(OPERATORS)}")
+    multipliers = multiplier or [4.0 if operator == "add" else 1.0]
+    if condition is not None and engine == "vllm":
+        raise SteerlabError("--condition needs the Hugging Face engine: drop --engine vllm")
 
     sampling = Sampling(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
     if engine == "vllm":
-        lm, steerings = _vllm_single(model, vector, layer, policy, scale)
+        lm, steerings = _vllm_single(model, vector, layer, policy, scale, operator, clamp_to)
     else:
         lm = load(model, device, dtype)
-        steerings = steerings_of(vector, layer, policy, scale, lm, allow_model_mismatch)
+        steerings = steerings_of(
+            vector, layer, policy, scale, lm, allow_model_mismatch, operator, clamp_to
+        )
+        if condition is not None:
+            import dataclasses
+
+            from steerlab.evaluation.conditions import read_condition
+            from steerlab.formats import load_vector
+
+            gate = read_condition(condition, load_vector)
+            steerings = [dataclasses.replace(s, condition=gate) for s in steerings]
     text = render(lm.tokenizer, prompt, system=system, chat=chat).text
     check_marker(steerings[0].policy, text)
     results = generate_multipliers(
-        lm, prompt, steerings, multiplier, sampling, chat=chat, system=system
+        lm, prompt, steerings, multipliers, sampling, chat=chat, system=system
     )
     if as_json:
         payload = {
@@ -87,11 +122,16 @@ def generate(
             "policy": str(steerings[0].policy),
             "layers": list(steerings[0].layers or ()),
             "scale": scale,
+            "operator": operator,
             "completions": [{"multiplier": m, "text": t} for m, t in results],
         }
         out.print_json(json.dumps(payload))
         return
-    titles = ["unsteered" if m == 0 else f"steered x{m:g}" for m, _ in results]
+    done = {"add": "steered", "ablate": "ablated", "clamp": "clamped"}[operator]
+    titles = [
+        "unsteered" if m == 0 else f"steered x{m:g}" if operator == "add" else done
+        for m, _ in results
+    ]
     if out.width >= 40 * len(results):
         table = Table(*titles, show_lines=True)
         table.add_row(*[t for _, t in results])
@@ -107,7 +147,15 @@ def check_engine(engine: str) -> None:
         raise SteerlabError(f"unknown engine '{engine}': use hf or vllm")
 
 
-def _vllm_single(model: str, vector: Path, layer: str | None, policy: str, scale: str) -> Any:
+def _vllm_single(
+    model: str,
+    vector: Path,
+    layer: str | None,
+    policy: str,
+    scale: str,
+    operator: str = "add",
+    clamp: tuple[float, float] | None = None,
+) -> Any:
     """The vLLM engine with one vector registered (a folder holding a link to the file)."""
     import tempfile
 
@@ -123,7 +171,7 @@ def _vllm_single(model: str, vector: Path, layer: str | None, policy: str, scale
         lm = VllmEngine(model, folder)
     vec = lm.vectors["v"]
     chosen = None if layer is None else tuple(resolve_layers(layer, lm.identity.num_layers))
-    return lm, [Steering(vec, 1.0, chosen, policy, scale)]  # type: ignore[arg-type]
+    return lm, [Steering(vec, 1.0, chosen, policy, scale, operator, clamp)]  # type: ignore[arg-type]
 
 
 @app.command()
@@ -206,7 +254,7 @@ def serve(
     check_engine(engine)
     summary = None
     if sweep_dir is not None:
-        from steerlab.evaluation.sweep import read_sweep
+        from steerlab.evaluation.sweep_summary import read_sweep
 
         summary = read_sweep(sweep_dir)
     if engine == "vllm":
