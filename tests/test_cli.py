@@ -146,6 +146,25 @@ def test_generate_with_ablate_and_clamp(workspace, vector):
         assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_extract_and_generate_at_the_mlp_site(workspace, tmp_path):
+    model = str(workspace / "model")
+    mlp = tmp_path / "mlp.safetensors"
+    made = run("extract", str(workspace / "pairs.jsonl"), "--model", model, "--layers", "1,2",
+               "--site", "mlp", "-o", str(mlp))  # fmt: skip
+    assert made.returncode == 0 and "(mlp output)" in made.stdout, made.stderr
+    shown = json.loads(run("vector", "show", str(mlp), "--json").stdout)
+    assert shown["layer_convention"] == "mlp-output"
+    gen = run("generate", "hello", "--model", model, "--vector", str(mlp), "-n", "4", "--json")
+    assert gen.returncode == 0, gen.stderr
+    assert_error(run("extract", str(workspace / "pairs.jsonl"), "--model", model, "--site",
+                     "ffn", "-o", str(tmp_path / "x.safetensors")), "unknown site 'ffn'")  # fmt: skip
+    assert not (tmp_path / "x.safetensors").exists()
+    assert_error(run("vector", "export-gguf", str(mlp), "-o", str(tmp_path / "m.gguf")),
+                 "extract it with --site block")  # fmt: skip
+    assert_error(run("generate", "hi", "--model", model, "--vector", str(mlp), "--site", "x"),
+                 "unknown site 'x'")  # fmt: skip
+
+
 def test_condition_fit_and_generate_with_it(workspace, vector, tmp_path):
     labelled = tmp_path / "labelled.jsonl"
     lines = [{"text": f"yes good {i}", "label": 1} for i in range(6)]

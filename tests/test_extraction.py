@@ -202,3 +202,16 @@ def test_real_model_shared_dataset_matches_unbatched():
             vec.directions[k].double(), diffs[k] / len(data), dim=0
         )
         assert cos >= 0.9999
+
+
+def test_pairs_that_share_no_first_token_read_the_same_with_prefix_sharing(llama):
+    """The character tokenizer has no BOS: "good" and "bad" share no prefix to run once."""
+    from steerlab.core.dataset import Dataset, Pair
+
+    pairs = tuple(Pair(None, f"good {i}", f"bad bad {i}", i) for i in range(4))
+    data = Dataset("pairs", pairs=pairs)
+    shared, plain = (
+        extract(llama, data, [2], read_position="last", chat=False, share_prefix=flag)
+        for flag in (True, False)
+    )
+    torch.testing.assert_close(shared.directions[2], plain.directions[2], atol=1e-5, rtol=0)

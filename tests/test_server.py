@@ -170,6 +170,7 @@ def test_concurrent_requests_do_not_leak_steering(client):
             "has no layer 2",
         ),
         ({"steering": [{"vector": "happy", "condition": [1]}]}, 400, "must be an object"),
+        ({"steering": [{"vector": "happy", "site": "ffn"}]}, 400, "site must be one of"),
         (
             {"steering": [{"vector": "happy", "operator": "ablate", "multiplier": 4}]},
             400,

@@ -197,6 +197,8 @@ def test_prefix_caching_never_mixes_steered_and_unsteered_blocks(setup):
         ([{"vector": "joy", "policy": "transient"}], "Hugging Face engine"),
         ([{"vector": "joy", "operator": "clamp", "clamp": [2, 1]}], "lo > hi"),
         ([{"vector": "joy", "operator": "spin"}], "operator must be one of"),
+        ([{"vector": "joy", "site": "mlp"}], "Hugging Face engine only"),
+        ([{"vector": "joy", "condition": {"vector": "calm", "layer": 9}}], "Hugging Face"),
     ],
 )
 def test_bad_steering_is_refused_before_the_engine(setup, entries, message):

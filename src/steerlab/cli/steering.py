@@ -24,6 +24,7 @@ from steerlab.cli.common import (
 from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import POLICY_HELP, Policy, check_marker
 from steerlab.core.steering import OPERATORS
+from steerlab.core.vector import SITES
 
 
 @app.command()
@@ -48,6 +49,12 @@ def generate(
     ),
     clamp: str | None = typer.Option(
         None, "--clamp", help="LO,HI: the projection's range for --operator clamp."
+    ),
+    site: str | None = typer.Option(
+        None,
+        "--site",
+        help="block, attn or mlp: where in each block to steer (default: where the vector was "
+        "read).",
     ),
     condition: Path | None = typer.Option(
         None,
@@ -90,6 +97,10 @@ def generate(
     if operator not in OPERATORS:
         raise SteerlabError(f"unknown operator {operator!r}: use {', '.join(OPERATORS)}")
     multipliers = multiplier or [4.0 if operator == "add" else 1.0]
+    if site is not None and site not in SITES:
+        raise SteerlabError(f"unknown site {site!r}: use {', '.join(SITES)}")
+    if site not in (None, "block") and engine == "vllm":
+        raise SteerlabError("--site attn/mlp needs the Hugging Face engine: drop --engine vllm")
     if condition is not None and engine == "vllm":
         raise SteerlabError("--condition needs the Hugging Face engine: drop --engine vllm")
 
@@ -103,6 +114,10 @@ def generate(
         steerings = steerings_of(
             vector, layer, policy, scale, lm, allow_model_mismatch, operator, clamp_to
         )
+        if site is not None:
+            import dataclasses
+
+            steerings = [dataclasses.replace(s, site=site) for s in steerings]
         if condition is not None:
             import dataclasses
 

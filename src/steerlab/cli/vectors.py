@@ -73,12 +73,18 @@ def extract(
         None, "--system", help="System prompt for the chat template."
     ),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Render through the chat template."),
+    site: str = typer.Option(
+        "block",
+        "--site",
+        help="Read the block output (block), or what its attention (attn) or MLP (mlp) adds.",
+    ),
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
     layers_path: str | None = LayersPathOpt,
 ) -> None:
     """Extract a steering vector from a contrastive dataset."""
     from steerlab.core.dataset import load_dataset
+    from steerlab.core.vector import SITES
     from steerlab.formats import save_vector
     from steerlab.hf.extraction import extract as run
 
@@ -87,6 +93,8 @@ def extract(
             f"output '{output}' must end in .safetensors (GGUF: `steerlab vector export-gguf`)"
         )
     check_output(output)  # before any model work
+    if site not in SITES:
+        raise SteerlabError(f"unknown site {site!r}: use {', '.join(SITES)}")
     data = load_dataset(dataset, fmt, negatives)  # type: ignore[arg-type]
     for warning in data.warnings:
         warn(warning)
@@ -101,10 +109,13 @@ def extract(
         chat=chat,
         system=system,
         progress=sys.stderr.isatty(),
+        site=site,
     )
     save_vector(vec, output)
+    where = "" if site == "block" else f" ({site} output)"
     out.print(
-        f"wrote {output}: {len(vec.layers)} layers, {method}, read at {vec.read_position}, {len(data)} examples"
+        f"wrote {output}: {len(vec.layers)} layers{where}, {method}, read at "
+        f"{vec.read_position}, {len(data)} examples"
     )
 
 

@@ -24,6 +24,11 @@ from steerlab.core.policy import FAR
 from steerlab.core.steering import Steering
 
 MarkerAt = Callable[[int, Steering], int]  # (row, steering) -> index of the marker's last token
+Point = tuple[int, str]  # (layer, site): where a steering acts; site "block", "attn" or "mlp"
+
+
+def _point(where: int | Point) -> Point:
+    return (where, "block") if isinstance(where, int) else where
 
 
 @dataclass(frozen=True)
@@ -87,38 +92,50 @@ class SteeringPlan:
             and all(rows == tuple(range(len(row_lists))) for rows in self.app_rows)
         ):
             self.app_rows = [None] * len(self.apps)  # every row steered alike
-        # Per layer: the columns of C it uses, their stacked vectors, and ActAdd matrices.
-        self._cols: dict[int, list[int]] = {}
-        self._w: dict[int, torch.Tensor] = {}  # [A_l, d] float32, CPU
-        self._actadd: dict[int, list[tuple[int, torch.Tensor]]] = {}  # (column, [k, d])
+        # Per point (layer, site): the columns of C it uses, their stacked vectors, and
+        # ActAdd matrices.
+        self._cols: dict[Point, list[int]] = {}
+        self._w: dict[Point, torch.Tensor] = {}  # [A_l, d] float32, CPU
+        self._actadd: dict[Point, list[tuple[int, torch.Tensor]]] = {}  # (column, [k, d])
         # ablate / clamp: (column, unit direction [d], lo, hi), in the order given
-        self._proj: dict[int, list[tuple[int, torch.Tensor, float, float]]] = {}
+        self._proj: dict[Point, list[tuple[int, torch.Tensor, float, float]]] = {}
         for a, s in enumerate(self.apps):
             for layer in s.steered_layers:
+                at = (layer, str(s.site))
                 if s.projects:
                     lo, hi = s.projection_range
-                    self._proj.setdefault(layer, []).append((a, s.unit(layer), lo, hi))
+                    self._proj.setdefault(at, []).append((a, s.unit(layer), lo, hi))
                 elif s.policy.kind == "actadd":
-                    self._actadd.setdefault(layer, []).append((a, s.delta(layer)))
+                    self._actadd.setdefault(at, []).append((a, s.delta(layer)))
                 else:
-                    self._cols.setdefault(layer, []).append(a)
-        for layer, cols in self._cols.items():
-            self._w[layer] = torch.stack([self.apps[a].delta(layer) for a in cols])
-        self._index: dict[int, torch.Tensor | None] = {
-            layer: None if cols == list(range(len(self.apps))) else torch.tensor(cols)
-            for layer, cols in self._cols.items()
+                    self._cols.setdefault(at, []).append(a)
+        for at, cols in self._cols.items():
+            self._w[at] = torch.stack([self.apps[a].delta(at[0]) for a in cols])
+        self._index: dict[Point, torch.Tensor | None] = {
+            at: None if cols == list(range(len(self.apps))) else torch.tensor(cols)
+            for at, cols in self._cols.items()
         }
         self._cast: dict[tuple[str, int, torch.device, torch.dtype], torch.Tensor] = {}
 
     # ----- what the plan holds -----------------------------------------------------------
     @property
-    def layers(self) -> list[int]:
-        """Every layer some steering adds to, ascending."""
+    def points(self) -> list[Point]:
+        """Every (layer, site) some steering acts at, by layer."""
         return sorted(set(self._cols) | set(self._actadd) | set(self._proj))
 
-    def reads_hidden(self, layer: int) -> bool:
-        """Whether the change at ``layer`` depends on the hidden state (ablate, clamp)."""
-        return layer in self._proj
+    @property
+    def layers(self) -> list[int]:
+        """Every layer some steering acts at (any site), ascending."""
+        return sorted({layer for layer, _ in self.points})
+
+    @property
+    def sites(self) -> set[str]:
+        """The sites the steerings act at."""
+        return {site for _, site in self.points}
+
+    def reads_hidden(self, where: int | Point) -> bool:
+        """Whether the change at a point depends on the hidden state (ablate, clamp)."""
+        return _point(where) in self._proj
 
     @property
     def empty(self) -> bool:
@@ -131,11 +148,25 @@ class SteeringPlan:
 
     @property
     def lowest_transient_layer(self) -> int:
-        """The lowest layer a newest-only (transient) steering adds to."""
+        """The lowest layer a newest-only (transient) steering acts at."""
         layers = [layer for s in self.apps if not s.policy.persisting for layer in s.steered_layers]
         if not layers:
             raise SteerlabError("no transient steering in this plan")
         return min(layers)
+
+    @property
+    def unchanged_blocks(self) -> int:
+        """How many blocks from the bottom transient steering leaves unchanged: those below
+        its lowest layer, and that block too when it steers the block's output."""
+        ends = [
+            layer + 1 if s.site == "block" else layer
+            for s in self.apps
+            if not s.policy.persisting
+            for layer in s.steered_layers
+        ]
+        if not ends:
+            raise SteerlabError("no transient steering in this plan")
+        return min(ends)
 
     @property
     def persisting(self) -> bool:
@@ -157,9 +188,10 @@ class SteeringPlan:
 
     def check_finite(self, dtype: torch.dtype) -> None:
         """Raises SteerlabError when a delta overflows ``dtype`` (e.g. float16's 65504)."""
-        for layer in self.layers:
-            tensors = ([self._w[layer]] if layer in self._w else []) + [
-                m for _, m in self._actadd.get(layer, ())
+        for at in self.points:
+            layer = at[0]
+            tensors = ([self._w[at]] if at in self._w else []) + [
+                m for _, m in self._actadd.get(at, ())
             ]
             for tensor in tensors:
                 if not bool(torch.isfinite(tensor.to(dtype)).all()):
@@ -247,9 +279,15 @@ class SteeringPlan:
         return cached
 
     def delta(
-        self, layer: int, coef: torch.Tensor, t: torch.Tensor, like: torch.Tensor, all_on: bool
+        self,
+        where: int | Point,
+        coef: torch.Tensor,
+        t: torch.Tensor,
+        like: torch.Tensor,
+        all_on: bool,
     ) -> torch.Tensor | None:
-        """The tensor to add at ``layer``: ``[..., d]``, or ``[d]`` to broadcast, or None.
+        """The tensor to add at a point (a layer means its block output): ``[..., d]``, or
+        ``[d]`` to broadcast, or None.
 
         The projection operators act first, in the order given, each on the result of the
         one before (``ablate`` then ``add`` along the same direction sets the projection to
@@ -262,26 +300,28 @@ class SteeringPlan:
                 clamp read it (see :meth:`reads_hidden`), add only takes its device and dtype.
             all_on: every entry of C is 1 (then a single steering is a plain add).
         """
+        at = _point(where)
+        layer = at[0]
         out: torch.Tensor | None = None
-        for a, unit, lo, hi in self._proj.get(layer, ()):
+        for a, unit, lo, hi in self._proj.get(at, ()):
             u = self._on(f"unit{a}", layer, unit, like)  # [d]
             h = like if out is None else like + out
             p = (h * u).sum(-1, keepdim=True)  # [..., 1]: the projection onto u
             part = coef[..., a : a + 1] * (p.clamp(lo, hi) - p) * u  # [..., d]
             out = part if out is None else out + part
-        if layer in self._w:
-            w = self._on("w", layer, self._w[layer], like)  # [A_l, d]
-            index = self._index[layer]
+        if at in self._w:
+            w = self._on(f"w{at[1]}", layer, self._w[at], like)  # [A_l, d]
+            index = self._index[at]
             if all_on and index is None and w.shape[0] == 1:
                 added = w[0]  # every token steered by the one steering: plain add
             else:
                 c = coef if index is None else coef[..., index.to(coef.device)]
                 added = c @ w  # [..., A_l] @ [A_l, d] -> [..., d]
             out = added if out is None else out + added
-        for a, matrix in self._actadd.get(layer, ()):
+        for a, matrix in self._actadd.get(at, ()):
             rows = self._on(f"actadd{a}", layer, matrix, like)  # [k, d]
-            at = t.to(like.device).clamp(0, rows.shape[0] - 1)
-            part = coef[..., a : a + 1] * rows[at]  # [..., d]
+            index_t = t.to(like.device).clamp(0, rows.shape[0] - 1)
+            part = coef[..., a : a + 1] * rows[index_t]  # [..., d]
             out = part if out is None else out + part
         return out
 

@@ -19,7 +19,7 @@ import torch
 from steerlab.core.condition import Condition
 from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import Policy, Span
-from steerlab.core.vector import SteeringVector
+from steerlab.core.vector import SITES, Site, SteeringVector
 
 Scale = Literal["absolute", "relative"]
 Operator = Literal["add", "ablate", "clamp"]
@@ -44,6 +44,9 @@ class Steering:
             be equal (pin the projection to a value).
         condition: steer a row only when its prompt passes this :class:`Condition`
             (decided before decoding by :func:`steerlab.decode` and ``steerlab.generate``).
+        site: where in each block: ``block`` (its output, the residual stream), ``attn``
+            or ``mlp`` (what the attention or the MLP adds to it). Default: where the
+            vector was read (its ``layer_convention``).
     """
 
     vector: SteeringVector
@@ -54,6 +57,7 @@ class Steering:
     operator: Operator = "add"
     clamp: tuple[float, float] | None = None
     condition: Condition | None = None
+    site: Site | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy.parse(self.policy))
@@ -70,6 +74,10 @@ class Steering:
             )
         object.__setattr__(self, "layers", layers)
         self._check_operator(layers)
+        site = self.vector.site if self.site is None else self.site
+        if site not in SITES:
+            raise SteerlabError(f"site must be one of {', '.join(SITES)}, got {site!r}")
+        object.__setattr__(self, "site", site)
         if self.condition is not None:
             if not isinstance(self.condition, Condition):
                 raise SteerlabError("condition must be a steerlab Condition")
@@ -178,6 +186,7 @@ class Steering:
             self.operator,
             self.clamp,
             self.condition,
+            self.site,
         )
 
     def delta(self, layer: int) -> torch.Tensor:
@@ -210,6 +219,14 @@ def operator_fields(item: Mapping[str, Any]) -> tuple[Operator, tuple[float, flo
     ):
         raise SteerlabError("clamp must be [lo, hi], two numbers")
     return operator, (float(raw[0]), float(raw[1]))
+
+
+def site_field(item: Mapping[str, Any]) -> Site | None:
+    """``site`` of a JSON steering entry (None: the vector's own site)."""
+    site = item.get("site")
+    if site is not None and site not in SITES:
+        raise SteerlabError(f"site must be one of {', '.join(SITES)}")
+    return site  # type: ignore[no-any-return]
 
 
 def as_steerings(

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -20,6 +20,15 @@ from steerlab.core.errors import SteerlabError
 
 FORMAT_VERSION = 1
 LAYER_CONVENTION = "block-output"  # layer l = output of decoder block l = hidden_states[l + 1]
+# Where in block l a vector was read: the block's output, or what its attention or its MLP
+# adds to the residual stream (docs/design.md, "Sites").
+Site = Literal["block", "attn", "mlp"]
+SITES: tuple[Site, ...] = ("block", "attn", "mlp")
+SITE_CONVENTIONS: dict[str, str] = {
+    "block": "block-output",
+    "attn": "attn-output",
+    "mlp": "mlp-output",
+}
 
 
 def _version() -> str:
@@ -63,7 +72,8 @@ class SteeringVector:
         read_position: ``answer``, ``last``, ``mean`` or ``all`` (ActAdd).
         residual_norms: layer -> mean residual-stream norm of the read activations.
         dataset: the extraction data, if any.
-        layer_convention: always ``block-output``.
+        layer_convention: where in block ``l`` the vector was read: ``block-output`` (the
+            default: ``hidden_states[l + 1]``), ``attn-output`` or ``mlp-output``.
         steerlab_version: the version that made it.
         created: ISO-8601 UTC time of creation.
         notes: free-form extra metadata (e.g. number of pairs).
@@ -85,6 +95,11 @@ class SteeringVector:
     def __post_init__(self) -> None:
         if not self.directions:
             raise SteerlabError("directions is empty: a steering vector needs at least one layer")
+        if self.layer_convention not in SITE_CONVENTIONS.values():
+            raise SteerlabError(
+                f"unknown layer convention {self.layer_convention!r}: this steerlab reads "
+                f"{', '.join(SITE_CONVENTIONS.values())}"
+            )
         clean: dict[int, torch.Tensor] = {}
         shape: tuple[int, ...] | None = None
         for layer in sorted(self.directions):
@@ -119,6 +134,17 @@ class SteeringVector:
     def layers(self) -> list[int]:
         """The layers this vector has, ascending."""
         return list(self.directions)
+
+    @property
+    def site(self) -> Site:
+        """The site its layer convention names (``block``, ``attn`` or ``mlp``)."""
+        for site, convention in SITE_CONVENTIONS.items():
+            if convention == self.layer_convention:
+                return site  # type: ignore[return-value]
+        raise SteerlabError(
+            f"unknown layer convention {self.layer_convention!r}: this steerlab reads "
+            f"{', '.join(SITE_CONVENTIONS.values())}"
+        )
 
     @property
     def positionwise(self) -> bool:

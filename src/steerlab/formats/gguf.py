@@ -34,6 +34,11 @@ def export_gguf(vector: SteeringVector, path: str | Path) -> Path:
             "llama.cpp control vectors add one vector at every position: a position-wise "
             "(ActAdd) vector cannot be exported"
         )
+    if vector.site != "block":
+        raise SteerlabError(
+            f"llama.cpp control vectors add at the block output, but this vector was read at "
+            f"the {vector.site} output ({vector.layer_convention}): extract it with --site block"
+        )
     if 0 in vector.directions:
         raise SteerlabError(
             "llama.cpp cannot steer layer 0: drop it first with `steerlab vector select FILE "

@@ -16,7 +16,7 @@ from steerlab.core.aggregators import get_aggregator
 from steerlab.core.dataset import Dataset
 from steerlab.core.errors import SteerlabError
 from steerlab.core.prompts import prompt_ids
-from steerlab.core.vector import SteeringVector
+from steerlab.core.vector import SITE_CONVENTIONS, SteeringVector
 from steerlab.hf.layers import block_output, resolve_layers
 from steerlab.hf.model import LoadedModel
 from steerlab.hf.reading import Item, read_activations, read_pair_activations
@@ -140,6 +140,7 @@ def extract(
     padding_side: str = "left",
     progress: bool = False,
     share_prefix: bool | None = None,
+    site: str = "block",
 ) -> SteeringVector:
     """Make a steering vector from a contrastive dataset.
 
@@ -158,12 +159,20 @@ def extract(
             (fewer FLOPs; pays on a CPU). Default: on for CPU models, off on accelerators,
             where one plain padded forward per batch launches fewer kernels. Both read the
             same activations.
+        site: read the block's output (``block``, the residual stream), or what its
+            attention (``attn``) or MLP (``mlp``) adds to it; recorded as the vector's
+            ``layer_convention``, so steering with it acts at the same site.
 
     Returns:
         The vector, with per-layer mean residual norms and full metadata.
     """
     layer_list = resolve_layers(layers, lm.info.num_layers)
+    if site not in SITE_CONVENTIONS:
+        raise SteerlabError(f"site must be one of {', '.join(SITE_CONVENTIONS)}, got {site!r}")
+    lm.layers.site(layer_list[0], site)  # an unknown site fails before any model work
     if dataset.format == "actadd":
+        if site != "block":
+            raise SteerlabError("ActAdd vectors are read at the block output: drop --site")
         return extract_actadd(lm, dataset, layer_list)
     aggregate = get_aggregator(method)
     items, read = build_items(lm, dataset, read_position, chat=chat, system=system)
@@ -194,6 +203,7 @@ def extract(
             batch_size=batch_size,
             pad_id=int(lm.tokenizer.pad_token_id),
             padding_side=padding_side,
+            site=site,
         ):
             for row, i in enumerate(chunk):
                 label = items[i].positive
@@ -223,6 +233,7 @@ def extract(
         read_position=read,
         residual_norms=norms,
         dataset=dataset.info,
+        layer_convention=SITE_CONVENTIONS[site],
         notes={"pairs": len(dataset), "chat": chat, "system": system, "batch_size": batch_size},
     )
 

@@ -31,6 +31,7 @@ from steerlab.core.steering import Scale, Steering, as_steerings
 from steerlab.core.vector import SteeringVector
 from steerlab.hf.layers import (
     LayerMap,
+    as_tokens,
     block_output,
     embedding_weight,
     find_layers,
@@ -174,9 +175,11 @@ class Steerer:
                 self._handles.append(
                     base.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
                 )
-                for layer in self.plan.layers:
-                    block = self.layer_map.blocks[layer]
-                    self._handles.append(block.register_forward_hook(self._make_hook(layer)))
+                for layer, site in self.plan.points:
+                    module = self.layer_map.site(layer, site)
+                    self._handles.append(
+                        module.register_forward_hook(self._make_hook((layer, site)))
+                    )
         except BaseException:
             self._remove()
             raise
@@ -287,15 +290,17 @@ class Steerer:
 
         return self.plan.bounds(lengths, marker_at)
 
-    # ----- per block: add C @ W ----------------------------------------------------------
-    def _make_hook(self, layer: int) -> Any:
+    # ----- per steered point (a block, or its attention or MLP): add C @ W --------------
+    def _make_hook(self, point: tuple[int, str]) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             state = self._forward
             if state is None or not state["any"]:
                 return None
-            hidden = block_output(output)  # [batch, seq, d]
+            flat = block_output(output)
+            batch, seq = state["t"].shape
+            hidden = as_tokens(flat, batch, seq)  # [batch, seq, d]
             delta = self.plan.delta(
-                layer,
+                point,
                 _coef_on(state, hidden.device, hidden.dtype),
                 state["t"],
                 hidden,
@@ -304,10 +309,12 @@ class Steerer:
             if delta is None:
                 return None
             if state["all"]:
-                return replace_block_output(output, hidden + delta)
-            # A masked add: a token no steering covers gets exactly nothing added.
-            on = state["on"].to(hidden.device)
-            return replace_block_output(output, torch.where(on, hidden + delta, hidden))
+                steered = hidden + delta
+            else:
+                # A masked add: a token no steering covers gets exactly nothing added.
+                on = state["on"].to(hidden.device)
+                steered = torch.where(on, hidden + delta, hidden)
+            return replace_block_output(output, steered.view(flat.shape))
 
         return hook
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from steerlab.core.errors import SteerlabError
+from steerlab.core.vector import SITES
 
 # model_type -> dotted path of the decoder-block list (relative to the *ForCausalLM module).
 LAYER_PATHS: dict[str, str] = {
@@ -39,6 +40,31 @@ LAYER_PATHS: dict[str, str] = {
 }
 
 
+# model_type -> the submodules of a block whose outputs are what the attention and the MLP
+# add to the residual stream ("attn" and "mlp" sites). Post-norm blocks (Gemma 2, OLMo 2)
+# add their post-norm's output; OPT's MLP ends in fc2 (which sees flattened tokens).
+SITE_PATHS: dict[str, tuple[str, str]] = {
+    "llama": ("self_attn", "mlp"),
+    "mistral": ("self_attn", "mlp"),
+    "qwen2": ("self_attn", "mlp"),
+    "qwen3": ("self_attn", "mlp"),
+    "phi3": ("self_attn", "mlp"),
+    "phi": ("self_attn", "mlp"),
+    "smollm3": ("self_attn", "mlp"),
+    "granite": ("self_attn", "mlp"),
+    "olmo": ("self_attn", "mlp"),
+    "gemma": ("self_attn", "mlp"),
+    "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "gemma3_text": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "gpt2": ("attn", "mlp"),
+    "gpt_neo": ("attn", "mlp"),
+    "gptj": ("attn", "mlp"),
+    "gpt_neox": ("attention", "mlp"),
+    "opt": ("self_attn", "fc2"),
+}
+
+
 @dataclass(frozen=True)
 class LayerMap:
     """Where the decoder blocks live.
@@ -54,10 +80,32 @@ class LayerMap:
     blocks: nn.ModuleList
     base: nn.Module
     hidden_size: int
+    model_type: str = "unknown"
 
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
+
+    def site(self, layer: int, site: str) -> nn.Module:
+        """The module whose output is steered or read at ``site`` of block ``layer``.
+
+        Raises:
+            SteerlabError: the site is unknown, or not known for this architecture.
+        """
+        block = self.blocks[layer]
+        if site == "block":
+            return block
+        if site not in SITES:
+            raise SteerlabError(f"site must be one of {', '.join(SITES)}, got {site!r}")
+        paths = SITE_PATHS.get(self.model_type)
+        module = None if paths is None else _get(block, paths[SITES.index(site) - 1])
+        if module is None:
+            known = ", ".join(sorted(SITE_PATHS))
+            raise SteerlabError(
+                f"site {site!r} is not known for architecture '{self.model_type}' (known: "
+                f"{known}): use site block"
+            )
+        return module
 
 
 def _get(module: nn.Module, path: str) -> nn.Module | None:
@@ -111,7 +159,7 @@ def find_layers(model: nn.Module, override: str | None = None) -> LayerMap:
         base = model
     hidden = _hidden_size(model)
     # OPT-350m projects 512 -> 1024; the residual inside the blocks is hidden_size.
-    return LayerMap(path=path, blocks=blocks, base=base, hidden_size=hidden)
+    return LayerMap(path=path, blocks=blocks, base=base, hidden_size=hidden, model_type=model_type)
 
 
 def resolve_layers(spec: str | int | list[int] | None, num_layers: int) -> list[int]:
@@ -175,6 +223,11 @@ def embedding_weight(model: nn.Module) -> torch.Tensor:
 def input_device(model: nn.Module) -> torch.device:
     """Where a model's inputs go: the device of its input embeddings."""
     return embedding_weight(model).device
+
+
+def as_tokens(hidden: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """``hidden`` as ``[batch, seq, d]`` (OPT's fc2 sees ``[batch * seq, d]``)."""
+    return hidden.view(batch, seq, hidden.shape[-1]) if hidden.dim() == 2 else hidden
 
 
 def block_output(output: object) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 
 from steerlab.core.errors import SteerlabError
 from steerlab.core.prompts import pad_batch, position_ids
-from steerlab.hf.layers import LayerMap, block_output, cache_kwarg, input_device
+from steerlab.hf.layers import LayerMap, as_tokens, block_output, cache_kwarg, input_device
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,9 @@ class _Reader:
     ``[n, len(layers), d]``; the forward stops after the highest requested block.
     """
 
-    def __init__(self, layer_map: LayerMap, layers: Sequence[int]) -> None:
+    def __init__(self, layer_map: LayerMap, layers: Sequence[int], site: str = "block") -> None:
         self.layer_map = layer_map
+        self.site = site
         self.layers = list(layers)
         self.top = max(layers)
         self.captured: dict[int, torch.Tensor] = {}
@@ -62,8 +63,8 @@ class _Reader:
     def __enter__(self) -> _Reader:
         try:
             for layer in sorted(set(self.layers)):
-                block = self.layer_map.blocks[layer]
-                self.handles.append(block.register_forward_hook(self._hook(layer)))
+                module = self.layer_map.site(layer, self.site)
+                self.handles.append(module.register_forward_hook(self._hook(layer)))
         except BaseException:
             self.__exit__()
             raise
@@ -76,12 +77,12 @@ class _Reader:
 
     def _hook(self, layer: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            hidden = block_output(output).float()  # [n, seq, d]
+            w = self.weights
+            hidden = as_tokens(block_output(output), -1, w.shape[1]).float()  # [n, seq, d]
             if self.repeat > 1:
                 hidden = hidden.repeat_interleave(self.repeat, dim=0)  # [n * repeat, seq, d]
-            if self.weights.device != hidden.device:  # once per batch, not once per layer
-                self.weights = self.weights.to(hidden.device)
-            w = self.weights
+            if w.device != hidden.device:  # once per batch, not once per layer
+                w = self.weights = self.weights.to(hidden.device)
             self.captured[layer] = torch.einsum("ns,nsd->nd", w, hidden)  # [n, d], on device
             if layer == self.top:
                 raise _Stop
@@ -108,6 +109,7 @@ def read_activations(
     batch_size: int = 32,
     pad_id: int = 0,
     padding_side: str = "left",
+    site: str = "block",
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Read the items' activations, one padded forward per batch.
 
@@ -121,7 +123,7 @@ def read_activations(
     order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
     device = input_device(model)
     use_positions = _accepts(layer_map.base, "position_ids")
-    with _Reader(layer_map, layers) as reader:
+    with _Reader(layer_map, layers, site) as reader:
         for begin in range(0, len(order), batch_size):
             chunk = order[begin : begin + batch_size]
             ids, mask = pad_batch([items[i].ids for i in chunk], pad_id, side=padding_side)
@@ -151,6 +153,7 @@ def read_pair_activations(
     batch_size: int = 32,
     pad_id: int = 0,
     padding_side: str = "left",
+    site: str = "block",
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Read contrastive pairs (``items[2i]`` positive, ``items[2i+1]`` negative), running
     their shared prompt prefix once.
@@ -176,14 +179,21 @@ def read_pair_activations(
             if a != b:
                 break
             shared += 1
-        prefix.append(max(min(shared, len(pos.ids) - 1, len(neg.ids) - 1), 1))
+        prefix.append(min(shared, len(pos.ids) - 1, len(neg.ids) - 1))
+    if not prefix or min(prefix) < 1:
+        # some pair shares no first token (no BOS, no template): nothing to run once
+        yield from read_activations(
+            model, layer_map, items, layers, batch_size=batch_size, pad_id=pad_id,
+            padding_side=padding_side, site=site,
+        )  # fmt: skip
+        return
     order = sorted(range(n_pairs), key=lambda i: -prefix[i])
     device = input_device(model)
     base = layer_map.base
     key = cache_kwarg(base)
     use_positions = _accepts(base, "position_ids")
     per_batch = max(1, batch_size // 2)
-    with _Reader(layer_map, layers) as reader:
+    with _Reader(layer_map, layers, site) as reader:
         for begin in range(0, n_pairs, per_batch):
             chunk = order[begin : begin + per_batch]
             heads = [items[2 * i].ids[: prefix[i]] for i in chunk]

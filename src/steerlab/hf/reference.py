@@ -1,7 +1,8 @@
 """The reference semantics of docs/design.md, written plainly: no cache, no batching.
 
 At every step the whole sequence is recomputed from scratch and each steering applies its
-operator at exactly the positions its policy names: ``add`` adds its vector, ``ablate`` and
+operator at its site (the block's output, or its attention's or MLP's) at exactly the
+positions its policy names: ``add`` adds its vector, ``ablate`` and
 ``clamp`` replace the projection ``h.u`` onto the unit direction by 0 or by its value clamped
 to the range. At a layer the projection operators act first, in the order given, then the
 additions. Slow on purpose; the tests hold the
@@ -57,9 +58,10 @@ def reference_logits(
                 marker_at = marker_end(tokenizer, list(ids[:prompt_len]), str(s.policy.marker))
             positions = steered_positions(s, prompt_len, len(ids), marker_at)
             for layer in s.steered_layers:
+                module = layer_map.site(layer, str(s.site))
                 if s.projects:
                     handles.append(
-                        layer_map.blocks[layer].register_forward_hook(
+                        module.register_forward_hook(
                             _projection_hook(s.unit(layer), *s.projection_range, positions)
                         )
                     )
@@ -74,13 +76,14 @@ def reference_logits(
                     positions: list[int] = positions,
                     actadd: bool = s.policy.kind == "actadd",
                 ) -> Any:
-                    hidden = block_output(output).clone()  # [1, seq, d]
+                    flat = block_output(output)
+                    hidden = flat.clone().view(1, -1, flat.shape[-1])  # [1, seq, d]
                     for t in positions:
                         row = delta[t] if actadd else delta
                         hidden[0, t] = hidden[0, t] + row.to(hidden.dtype)
-                    return replace_block_output(output, hidden)
+                    return replace_block_output(output, hidden.view(flat.shape))
 
-                handles.append(layer_map.blocks[layer].register_forward_hook(hook))
+                handles.append(module.register_forward_hook(hook))
         tensor = torch.tensor([list(ids)], device=input_device(model))
         return model(input_ids=tensor, use_cache=False).logits[0].float()
     finally:
@@ -92,13 +95,14 @@ def _projection_hook(unit: torch.Tensor, lo: float, hi: float, positions: list[i
     """A hook that sets ``h.u`` to ``clamp(h.u, lo, hi)`` at each position, one by one."""
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        hidden = block_output(output).clone()  # [1, seq, d]
+        flat = block_output(output)
+        hidden = flat.clone().view(1, -1, flat.shape[-1])  # [1, seq, d]
         u = unit.to(hidden.device, hidden.dtype)
         for t in positions:
             h = hidden[0, t]
             p = torch.dot(h, u)
             hidden[0, t] = h + (p.clamp(lo, hi) - p) * u
-        return replace_block_output(output, hidden)
+        return replace_block_output(output, hidden.view(flat.shape))
 
     return hook
 

@@ -67,8 +67,7 @@ def shared_step(
         forward: runs a module on this step's tokens with the given cache.
         plain_logits: also return the unsteered pass's logits (it then runs the LM head).
     """
-    low = steerer.plan.lowest_transient_layer
-    blocks = list(steerer.layer_map.blocks)[: low + 1]
+    blocks = list(steerer.layer_map.blocks)[: steerer.plan.unchanged_blocks]
     raw: dict[int, Any] = {}
 
     def record(i: int) -> Any:

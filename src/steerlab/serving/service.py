@@ -18,7 +18,7 @@ from steerlab.core.engine import Engine
 from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import Policy, check_marker
 from steerlab.core.prompts import encode, render_messages
-from steerlab.core.steering import Steering, operator_fields
+from steerlab.core.steering import Steering, operator_fields, site_field
 from steerlab.core.vector import SteeringVector
 from steerlab.serving.batcher import Batcher
 from steerlab.serving.bodies import (
@@ -177,6 +177,7 @@ class Service:
                 operator,
                 clamp,
                 condition,
+                site_field(item),
             )
         except SteerlabError as exc:
             raise ApiError(400, f"{where}: {exc}", where) from None

@@ -116,15 +116,23 @@ class VllmEngine:
                     "the vLLM engine steers with registered vectors only: put the vector in "
                     "the --vectors folder and name it"
                 )
-            out.append(
-                {
-                    "vector": name,
-                    "multiplier": s.multiplier,
-                    "layers": list(s.steered_layers),
-                    "policy": str(s.policy),
-                    "scale": s.scale,
-                }
-            )
+            if s.condition is not None:
+                raise SteerlabError(
+                    "conditional steering needs the Hugging Face engine: drop --engine vllm"
+                )
+            entry: dict[str, Any] = {
+                "vector": name,
+                "multiplier": s.multiplier,
+                "layers": list(s.steered_layers),
+                "policy": str(s.policy),
+                "scale": s.scale,
+                "site": s.site,
+            }
+            if s.operator != "add":
+                entry["operator"] = s.operator
+            if s.clamp is not None:
+                entry["clamp"] = list(s.clamp)
+            out.append(entry)
         return out
 
     def decode_batch(

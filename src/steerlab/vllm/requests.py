@@ -15,7 +15,7 @@ from typing import Any
 
 from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import Policy
-from steerlab.core.steering import Steering, operator_fields
+from steerlab.core.steering import Steering, operator_fields, site_field
 from steerlab.core.vector import SteeringVector
 
 KEY = "steering"
@@ -96,9 +96,15 @@ def parse(
                 item.get("scale", "absolute"),
                 operator,
                 clamp,
+                site=site_field(item),
             )
         except SteerlabError as exc:
             raise SteerlabError(f"{where}: {exc}") from None
+        if steering.site != "block":
+            raise SteerlabError(
+                f"{where}: site {steering.site!r} is steered by the Hugging Face engine only; "
+                "steerlab's vLLM plugin steers block outputs (use a block-output vector)"
+            )
         top = max(steering.steered_layers)
         if top >= num_layers:
             raise SteerlabError(f"{where}: layer {top} does not exist (layers 0..{num_layers - 1})")
