@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -21,7 +22,7 @@ from steerlab.cli.common import (
     warn,
 )
 from steerlab.core.errors import SteerlabError
-from steerlab.formats.atomic import check_output
+from steerlab.formats.atomic import atomic_write_bytes, check_output
 
 
 @app.command()
@@ -58,7 +59,11 @@ def extract(
     ),
     model: str = ModelOpt,
     layers: str = typer.Option("all", "--layers", "-l", help="all, 6-18, 3,5,-1 ..."),
-    method: str = typer.Option("mean-diff", "--method", help="mean-diff, pca-diff or logistic."),
+    method: str = typer.Option(
+        "mean-diff",
+        "--method",
+        help="mean-diff, pca-diff, logistic, or bipo (trained on pairs; one layer; see --steps).",
+    ),
     fmt: str | None = typer.Option(
         None, "--format", help="ab, yesno, pairs, unpaired or actadd (default: detect)."
     ),
@@ -68,7 +73,13 @@ def extract(
     read_position: str = typer.Option(
         "auto", "--read-position", help="auto, answer, last or mean."
     ),
-    batch_size: int = typer.Option(32, "--batch-size", help="Sequences per forward pass."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Sequences per forward pass (32); bipo: pairs per step (8)."
+    ),
+    steps: int = typer.Option(200, "--steps", help="bipo: optimiser steps."),
+    lr: float = typer.Option(0.02, "--lr", help="bipo: AdamW learning rate."),
+    beta: float = typer.Option(0.5, "--beta", help="bipo: preference temperature."),
+    seed: int = typer.Option(0, "--seed", help="bipo: seed (batches and directions)."),
     system: str | None = typer.Option(
         None, "--system", help="System prompt for the chat template."
     ),
@@ -95,9 +106,18 @@ def extract(
     check_output(output)  # before any model work
     if site not in SITES:
         raise SteerlabError(f"unknown site {site!r}: use {', '.join(SITES)}")
+    if method == "bipo":
+        from steerlab.hf.bipo import BipoConfig
+
+        config = BipoConfig(steps, lr, batch_size or 8, beta, seed=seed)  # bad settings: now
+        if site != "block":
+            raise SteerlabError("--method bipo trains a block-output vector: drop --site")
     data = load_dataset(dataset, fmt, negatives)  # type: ignore[arg-type]
     for warning in data.warnings:
         warn(warning)
+    if method == "bipo":
+        _bipo(data, output, model, layers, config, chat, system, device, dtype, layers_path)
+        return
     lm = load(model, device, dtype, layers_path)
     vec = run(
         lm,
@@ -105,7 +125,7 @@ def extract(
         layers,
         method=method,
         read_position=read_position,
-        batch_size=batch_size,
+        batch_size=batch_size or 32,
         chat=chat,
         system=system,
         progress=sys.stderr.isatty(),
@@ -116,6 +136,55 @@ def extract(
     out.print(
         f"wrote {output}: {len(vec.layers)} layers{where}, {method}, read at "
         f"{vec.read_position}, {len(data)} examples"
+    )
+
+
+def _bipo(
+    data: Any,
+    output: Path,
+    model: str,
+    layers: str,
+    config: Any,
+    chat: bool,
+    system: str | None,
+    device: str | None,
+    dtype: str | None,
+    layers_path: str | None,
+) -> None:
+    """``extract --method bipo``: train, then write the vector and its training curve."""
+    from steerlab.formats import save_vector
+    from steerlab.hf.bipo import train_bipo
+    from steerlab.hf.layers import resolve_layers
+
+    if data.format in ("unpaired", "actadd") or len(data) < 2:
+        raise SteerlabError(
+            f"--method bipo trains on at least 2 pairs; {data.info.path} is a {data.format} "
+            f"set of {len(data)}"
+        )
+    lm = load(model, device, dtype, layers_path)
+    chosen = resolve_layers(layers, lm.info.num_layers)
+    if len(chosen) != 1:
+        raise SteerlabError("--method bipo trains one layer: pass --layers L, e.g. --layers 9")
+    result = train_bipo(
+        lm, data, chosen[0], config, chat=chat, system=system, progress=sys.stderr.isatty()
+    )
+    save_vector(result.vector, output)
+    curve = output.with_suffix(".bipo.json")
+    record = {"loss": list(result.losses), **dict(result.vector.notes)}
+    atomic_write_bytes(curve, (json.dumps(record, indent=1) + "\n").encode())
+    written = [str(curve)]
+    from steerlab.evaluation.plots import training_curve
+
+    try:
+        png = output.with_suffix(".bipo.png")
+        atomic_write_bytes(png, training_curve(result.losses, f"BiPO, layer {chosen[0]}"))
+        written.append(str(png))
+    except SteerlabError:  # matplotlib is an extra
+        pass
+    norm = float(result.vector.directions[chosen[0]].norm())
+    out.print(
+        f"wrote {output}: bipo, layer {chosen[0]}, {config.steps} steps, final loss "
+        f"{result.losses[-1]:.4f}, |v| = {norm:.3g}; curve: {', '.join(written)}"
     )
 
 

@@ -109,6 +109,23 @@ def contrast_histogram(positive: Sequence[float], negative: Sequence[float], tit
     return buffer.getvalue()
 
 
+def training_curve(losses: Sequence[float], title: str) -> bytes:
+    """The loss after every training step (PNG bytes)."""
+    import io
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    ax.plot(range(1, len(losses) + 1), list(losses), color="#2f6fd6", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _save(fig: Any, path: Path, plt: Any) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
