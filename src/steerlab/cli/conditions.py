@@ -30,6 +30,11 @@ def fit(
     ),
     model: str = ModelOpt,
     reduce: str = typer.Option("mean", "--reduce", help="mean over the prompt, or last token."),
+    when: str = typer.Option(
+        "positive",
+        "--when",
+        help="Which examples the condition should hold for (steer): positive or negative.",
+    ),
     chat: bool = typer.Option(
         True, "--chat/--no-chat", help="Render each prompt through the chat template."
     ),
@@ -56,13 +61,23 @@ def fit(
         check_output(output)
     if reduce not in ("mean", "last"):
         raise SteerlabError(f"--reduce {reduce!r}: use mean or last")
+    if when not in ("positive", "negative"):
+        raise SteerlabError(f"--when {when!r}: use positive or negative")
     vec = load_vector(vector)
     Condition(vec, layer, 0.0, reduce=reduce)  # type: ignore[arg-type]  # bad layer: before loading
     data = load_dataset(dataset)
     lm = load(model, device, dtype)
     for warning in vec.check_model(lm.identity, allow_model_mismatch):
         warn(warning)
-    result = fit_condition(lm, data, vec, layer, reduce=reduce, chat=chat)  # type: ignore[arg-type]
+    result = fit_condition(
+        lm,
+        data,
+        vec,
+        layer,
+        reduce=reduce,  # type: ignore[arg-type]
+        chat=chat,
+        holds_for_positive=when == "positive",
+    )
     payload = result.to_json(vector.resolve())
     if output is not None:
         atomic_write_bytes(output, (json.dumps(payload, indent=2) + "\n").encode())
@@ -75,8 +90,8 @@ def fit(
         f"({reduce} over the prompt)"
     )
     out.print(
-        f"accuracy {result.accuracy:.3f} on {len(result.positive)} positive and "
-        f"{len(result.negative)} negative prompts (AUC {result.auc:.3f}); fitted on these "
+        f"accuracy {result.accuracy:.3f} on {len(result.positive)} prompts to steer and "
+        f"{len(result.negative)} to leave alone (AUC {result.auc:.3f}); fitted on these "
         "prompts, so check it on held-out ones"
     )
     if output is not None:

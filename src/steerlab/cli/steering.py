@@ -126,7 +126,10 @@ def generate(
 
             gate = read_condition(condition, load_vector)
             steerings = [dataclasses.replace(s, condition=gate) for s in steerings]
+            gate_note = _condition_note(lm, gate, prompt, system, chat)
     text = render(lm.tokenizer, prompt, system=system, chat=chat).text
+    if condition is None:
+        gate_note = None
     check_marker(steerings[0].policy, text)
     results = generate_multipliers(
         lm, prompt, steerings, multipliers, sampling, chat=chat, system=system
@@ -138,10 +141,17 @@ def generate(
             "layers": list(steerings[0].layers or ()),
             "scale": scale,
             "operator": operator,
+            "condition": gate_note,
             "completions": [{"multiplier": m, "text": t} for m, t in results],
         }
         out.print_json(json.dumps(payload))
         return
+    if gate_note is not None:
+        err.print(
+            f"condition {'holds' if gate_note['holds'] else 'does not hold'}: score "
+            f"{gate_note['score']:.4g} vs threshold {gate_note['threshold']:.4g}"
+            + ("" if gate_note["holds"] else " (the steered column is the unsteered text)")
+        )
     done = {"add": "steered", "ablate": "ablated", "clamp": "clamped"}[operator]
     titles = [
         "unsteered" if m == 0 else f"steered x{m:g}" if operator == "add" else done
@@ -155,6 +165,16 @@ def generate(
         for title, (_, text) in zip(titles, results, strict=True):
             out.rule(title)
             out.print(text)
+
+
+def _condition_note(lm: Any, gate: Any, prompt: str, system: str | None, chat: bool) -> Any:
+    """Whether the prompt passes the condition, and its score (for the user to see)."""
+    from steerlab.core.prompts import prompt_ids
+    from steerlab.hf.conditions import prompt_scores
+
+    ids = prompt_ids(lm.tokenizer, prompt, system=system, chat=chat)
+    score = prompt_scores(lm.model, lm.layers, [ids], gate)[0]
+    return {"holds": gate.holds(score), "score": score, "threshold": gate.threshold}
 
 
 def check_engine(engine: str) -> None:

@@ -82,9 +82,16 @@ def fit_condition(
     *,
     reduce: Reduce = "mean",
     chat: bool = True,
+    holds_for_positive: bool = True,
 ) -> ConditionFit:
-    """Score every labelled prompt at ``layer`` and pick the best-separating threshold."""
-    examples = labelled_prompts(dataset)
+    """Score every labelled prompt at ``layer`` and pick the best-separating threshold.
+
+    Args:
+        holds_for_positive: the condition should hold for (steer) the positive examples;
+            False: for the negative ones. ``positive``/``negative`` of the result are the
+            prompts it should hold for and the others.
+    """
+    examples = [(text, h == holds_for_positive) for text, h in labelled_prompts(dataset)]
     if not any(h for _, h in examples) or all(h for _, h in examples):
         raise SteerlabError(
             f"{dataset.info.path}: a condition needs prompts of both labels to separate"
