@@ -165,6 +165,62 @@ def test_extract_and_generate_at_the_mlp_site(workspace, tmp_path):
                  "unknown site 'x'")  # fmt: skip
 
 
+def test_sweep_with_axes_direction_and_prompts(workspace, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat\nhello there\n\nrain today\nok\n")
+    out = tmp_path / "sweep"
+    result = run(
+        "sweep", str(workspace / "pairs.jsonl"), "--model", str(workspace / "model"),
+        "--layers", "1,2", "--multipliers", "-2,0,2", "--policies", "after-prompt,all",
+        "--contexts", "chat,raw", "--direction", "decrease", "--prompts", str(prompts),
+        "--keywords", "e,a", "-n", "4", "--perplexity-bound", "1000000", "-o", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 2 * 3 * 2 * 2 and {r["n_test"] for r in rows} == {4}
+    report = (out / "report.md").read_text()
+    assert "the largest decrease in behaviour" in report and "[95% CI]" in report
+    assert (out / "vector-raw.safetensors").is_file()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    model = ["--model", str(workspace / "model"), "--keywords", "e"]
+    for extra, message in [
+        (["--direction", "up"], "--direction must be increase or decrease"),
+        (["--contexts", "html"], "--contexts takes chat, raw"),
+        (["--prompts", str(empty)], "holds no prompts"),
+        (["--policies", "sideways"], "unknown policy"),
+    ]:
+        assert_error(run("sweep", str(workspace / "pairs.jsonl"), *model, *extra), message)
+
+
+def test_extract_bipo_writes_the_vector_and_its_curve(workspace, tmp_path):
+    out = tmp_path / "bipo.safetensors"
+    base = ["extract", str(workspace / "pairs.jsonl"), "--model", str(workspace / "model")]
+    result = run(*base, "--method", "bipo", "--layers", "2", "--steps", "6", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "bipo, layer 2, 6 steps" in result.stdout
+    curve = json.loads(out.with_suffix(".bipo.json").read_text())
+    assert len(curve["loss"]) == 6 and curve["steps"] == 6 and curve["seed"] == 0
+    assert out.with_suffix(".bipo.png").is_file()
+    shown = json.loads(run("vector", "show", str(out), "--json").stdout)
+    assert shown["method"] == "bipo" and shown["layers"] == [2]
+    for extra, message in [
+        (["--layers", "1,2"], "trains one layer"),
+        (["--layers", "2", "--lr", "0"], "learning rate must be a positive"),
+        (["--layers", "2", "--steps", "0"], "at least 1 step"),
+    ]:
+        target = tmp_path / "bad.safetensors"
+        assert_error(run(*base, "--method", "bipo", *extra, "-o", str(target)), message)
+        assert not target.exists()
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": "Q", "positive": "yes", "negative": "no"}) + "\n")
+    assert_error(
+        run("extract", str(one), "--model", str(workspace / "model"), "--method", "bipo",
+            "--layers", "2", "-o", str(tmp_path / "x.safetensors")),
+        "at least 2 pairs",
+    )  # fmt: skip
+
+
 def test_condition_fit_and_generate_with_it(workspace, vector, tmp_path):
     labelled = tmp_path / "labelled.jsonl"
     lines = [{"text": f"yes good {i}", "label": 1} for i in range(6)]

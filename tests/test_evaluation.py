@@ -20,7 +20,8 @@ from steerlab.evaluation.metrics import (
     text_perplexity,
 )
 from steerlab.evaluation.policies import compare_policies
-from steerlab.evaluation.sweep import SweepConfig, recommend, run_sweep, split
+from steerlab.evaluation.sweep import SweepConfig, run_sweep, split
+from steerlab.evaluation.sweep_report import recommend
 
 
 @pytest.fixture(scope="module")

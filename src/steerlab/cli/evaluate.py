@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from steerlab.cli.common import (
     print_rows,
     steerings_of,
 )
+from steerlab.core.errors import SteerlabError
 
 
 @app.command()
@@ -30,7 +32,28 @@ def sweep(
     multipliers: str = typer.Option(
         "-8,-4,0,4,8", "--multipliers", help="Comma-separated multipliers."
     ),
-    policy: str = typer.Option("after-prompt", "--policy", "-p"),
+    policy: list[str] | None = typer.Option(
+        None, "--policy", "-p", help="A policy (repeat for several); default after-prompt."
+    ),
+    policies: str | None = typer.Option(
+        None, "--policies", help="Policies as an axis, comma-separated: after-prompt,all,prompt."
+    ),
+    contexts: str = typer.Option(
+        "chat", "--contexts", help="Extraction contexts as an axis: chat, raw or chat,raw."
+    ),
+    direction: str = typer.Option(
+        "increase", "--direction", help="increase or decrease: what the recommendation seeks."
+    ),
+    target: float | None = typer.Option(
+        None, "--target", help="Recommend the cell whose behaviour is closest to this value."
+    ),
+    prompts_file: Path | None = typer.Option(
+        None, "--prompts", help="Prompts for free-text sweeps, one per line (default: 32 shipped)."
+    ),
+    samples: int = typer.Option(
+        1, "--samples", help="Completions per prompt (1: greedy; more: sampled at --temperature)."
+    ),
+    temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature."),
     method: str = typer.Option("mean-diff", "--method"),
     scale: str = typer.Option("absolute", "--scale", help="absolute or relative."),
     test_fraction: float = typer.Option(0.3, "--test-fraction"),
@@ -65,12 +88,25 @@ def sweep(
     from steerlab.evaluation.sweep import SweepConfig, parse_floats, run_sweep
     from steerlab.hf.layers import resolve_layers
 
+    chosen = list(policy or []) + [p for p in (policies or "").split(",") if p.strip()]
+    prompts: tuple[str, ...] = ()
+    if prompts_file is not None:
+        prompts = tuple(
+            line.strip() for line in prompts_file.read_text().splitlines() if line.strip()
+        )
+        if not prompts:
+            raise SteerlabError(f"{prompts_file} holds no prompts: write one per line")
     data = load_dataset(dataset)
-    lm = load(model, device, dtype)
     config = SweepConfig(
-        layers=tuple(resolve_layers(layers, lm.info.num_layers)),
+        layers=(0,),  # validated now, before the model loads; the real layers below
         multipliers=parse_floats(multipliers),
-        policy=policy,
+        policies=tuple(p.strip() for p in chosen) or ("after-prompt",),
+        contexts=tuple(c.strip() for c in contexts.split(",") if c.strip()),
+        direction=direction,
+        target=target,
+        prompts=prompts,
+        samples=samples,
+        temperature=temperature,
         method=method,
         test_fraction=test_fraction,
         seed=seed,
@@ -79,6 +115,8 @@ def sweep(
         scale=scale,
         max_test_items=max_test_items,
     )
+    lm = load(model, device, dtype)
+    config = dataclasses.replace(config, layers=tuple(resolve_layers(layers, lm.info.num_layers)))
     scorer = (
         None
         if data.format in ("ab", "yesno")
@@ -98,18 +136,29 @@ def sweep(
         behaviour_label=label,
         fresh=fresh,
         on_row=lambda r: err.print(
-            f"layer {r['layer']:>3} x{r['multiplier']:<6g} behaviour {r['behaviour']:.3f} fluency {r['fluency']:.2f}"
+            f"{r['context']} {r['policy']} layer {r['layer']:>3} x{r['multiplier']:<6g} "
+            f"behaviour {r['behaviour']:.3f} fluency {r['fluency']:.2f}"
         ),
         progress=sys.stderr.isatty(),
     )
     print_rows(
-        result["rows"], ["layer", "multiplier", "behaviour", "fluency", "kl", "distinct2"], "sweep"
+        result["rows"],
+        ["context", "policy", "layer", "multiplier", "behaviour", "shift", "fluency", "kl"],
+        "sweep",
     )
     best = result["recommendation"]
     if best:
-        out.print(
-            f"recommended: layer {best['layer']}, multiplier {best['multiplier']:g} (shift {best['shift']:+.3f})"
+        interval = (
+            f" [{best['shift_lo']:+.3f}, {best['shift_hi']:+.3f}] on the report half"
+            if "shift_lo" in best
+            else ""
         )
+        out.print(
+            f"recommended: layer {best['layer']}, multiplier {best['multiplier']:g}, policy "
+            f"{best['policy']}, context {best['context']} (shift {best['shift']:+.3f}{interval})"
+        )
+    else:
+        out.print("no cell meets the rule (see report.md)")
     out.print(f"wrote {out_dir}/report.md, results.csv, results.json and plots")
 
 

@@ -44,6 +44,29 @@ def behaviour_probability(
     p(matching answer) / (p(Yes) + p(No)). Every policy applies to the one forward pass
     (``transient`` and ``after-prompt`` both steer the last position there).
     """
+    scores = behaviour_probability_cells(
+        lm, dataset, [list(steering)], batch_size=batch_size, chat=chat, system=system
+    )[0]
+    return ABResult(mean=sum(scores) / len(scores), scores=tuple(scores))
+
+
+@torch.no_grad()
+def behaviour_probability_cells(
+    lm: LoadedModel,
+    dataset: Dataset,
+    cells: Sequence[Sequence[Steering]],
+    *,
+    batch_size: int = 16,
+    chat: bool = True,
+    system: str | None = None,
+    max_rows: int = 256,
+) -> list[list[float]]:
+    """:func:`behaviour_probability`'s per-item scores for several steerings at once.
+
+    Each forward holds one chunk of ``batch_size`` items for several cells (one row per
+    cell and item, each row with its own steering), so every row is padded as it would be
+    alone with its cell.
+    """
     if dataset.format not in ("ab", "yesno"):
         raise SteerlabError(
             f"behaviour probability needs an ab or yesno dataset, not {dataset.format}"
@@ -63,29 +86,39 @@ def behaviour_probability(
         neg = p.negative.strip("()") if dataset.format == "ab" else p.negative
         pairs_ids.append((first_token(pos), first_token(neg)))
     device = lm.device
-    scores: list[float] = []
+    scores: list[list[float]] = [[] for _ in cells]
+    per_forward = max(1, max_rows // batch_size)  # cells per forward
     for begin in range(0, len(seqs), batch_size):
         chunk = seqs[begin : begin + batch_size]
-        ids, mask = left_padded(tok, chunk)
-        steerer = Steerer(
-            lm.model, list(steering), lm.layers, [len(s) for s in chunk], tok, allow_transient=True
-        )
-        with steerer, steerer.logits_pass():
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = (
-                lm.model(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=positions.to(device),
+        for first in range(0, len(cells), per_forward):
+            group = list(range(first, min(first + per_forward, len(cells))))
+            ids, mask = left_padded(tok, chunk)
+            ids, mask = ids.repeat(len(group), 1), mask.repeat(len(group), 1)
+            rows = [list(cells[c]) for c in group for _ in chunk]
+            steerer = Steerer(
+                lm.model, rows, lm.layers, [len(s) for s in chunk] * len(group), tok,
+                allow_transient=True,
+            )  # fmt: skip
+            with steerer, steerer.logits_pass():
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = (
+                    lm.model(
+                        input_ids=ids.to(device),
+                        attention_mask=mask.to(device),
+                        position_ids=positions.to(device),
+                    )
+                    .logits[:, -1]
+                    .float()
                 )
-                .logits[:, -1]
-                .float()
-            )
-        probs = torch.softmax(logits, -1).cpu()
-        for row, (a, b) in enumerate(pairs_ids[begin : begin + batch_size]):
-            pa, pb = float(probs[row, a]), float(probs[row, b])
-            scores.append(pa / (pa + pb) if pa + pb > 0 else 0.5)
-    return ABResult(mean=sum(scores) / len(scores), scores=tuple(scores))
+            probs = torch.softmax(logits, -1).cpu()
+            for g, c in enumerate(group):
+                for row, (a, b) in enumerate(pairs_ids[begin : begin + batch_size]):
+                    pa, pb = (
+                        float(probs[g * len(chunk) + row, a]),
+                        float(probs[g * len(chunk) + row, b]),
+                    )
+                    scores[c].append(pa / (pa + pb) if pa + pb > 0 else 0.5)
+    return scores
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
@@ -143,6 +176,42 @@ class GenerationScore:
     texts: tuple[str, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class JudgedRows:
+    """Per generated row: the text, its judge score, and the unsteered model's negative
+    log-likelihood of its tokens, their number and the summed per-step KL."""
+
+    texts: tuple[str, ...]
+    scores: tuple[float, ...]
+    nll: tuple[float, ...]
+    tokens: tuple[int, ...]
+    kl: tuple[float, ...]
+
+
+def judged_rows(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    steering: Sequence[Sequence[Steering]],
+    judge: Judge,
+    sampling: Sampling | None = None,
+    *,
+    chat: bool = True,
+    system: str | None = None,
+) -> JudgedRows:
+    """Generate one row per prompt, each with its own steering, in one batch, and judge it."""
+    sampling = sampling or Sampling(max_new_tokens=32)
+    texts, out = generate(
+        lm, prompts, [list(s) for s in steering], sampling, chat=chat, system=system,
+        track_unsteered=True,
+    )  # fmt: skip
+    assert out.kl is not None and out.unsteered_logprobs is not None
+    nll = tuple(-float(out.unsteered_logprobs[r, :n].sum()) for r, n in enumerate(out.lengths))
+    kl = tuple(float(out.kl[r, :n].sum()) for r, n in enumerate(out.lengths))
+    return JudgedRows(
+        tuple(texts), tuple(judge(texts)), nll, tuple(int(n) for n in out.lengths), kl
+    )
+
+
 def judged_generation(
     lm: LoadedModel,
     prompts: Sequence[str],
@@ -155,22 +224,21 @@ def judged_generation(
     neutral_text: str = NEUTRAL_TEXT,
 ) -> GenerationScore:
     """Generate from ``prompts`` with ``steering`` and score behaviour and side effects."""
-    sampling = sampling or Sampling(max_new_tokens=32)
-    texts, out = generate(
-        lm, prompts, list(steering), sampling, chat=chat, system=system, track_unsteered=True
+    rows = judged_rows(
+        lm, prompts, [list(steering)] * len(prompts), judge, sampling, chat=chat, system=system
     )
-    assert out.kl is not None and out.unsteered_logprobs is not None
-    nll, count, kl_sum = 0.0, 0, 0.0
-    for r, n in enumerate(out.lengths):
-        nll -= float(out.unsteered_logprobs[r, :n].sum())
-        kl_sum += float(out.kl[r, :n].sum())
-        count += n
-    scores = [s for s in judge(texts) if not math.isnan(s)]
+    return generation_score(rows, text_perplexity(lm, neutral_text, steering))
+
+
+def generation_score(rows: JudgedRows, neutral_perplexity: float) -> GenerationScore:
+    """One cell's :class:`GenerationScore` from its rows."""
+    count = max(sum(rows.tokens), 1)
+    scores = [s for s in rows.scores if not math.isnan(s)]
     return GenerationScore(
         behaviour=sum(scores) / len(scores) if scores else float("nan"),
-        perplexity=math.exp(nll / max(count, 1)),
-        distinct2=distinct_n(texts, 2),
-        kl=kl_sum / max(count, 1),
-        neutral_perplexity=text_perplexity(lm, neutral_text, steering),
-        texts=tuple(texts),
+        perplexity=math.exp(sum(rows.nll) / count),
+        distinct2=distinct_n(rows.texts, 2),
+        kl=sum(rows.kl) / count,
+        neutral_perplexity=neutral_perplexity,
+        texts=rows.texts,
     )

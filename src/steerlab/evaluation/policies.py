@@ -18,7 +18,8 @@ from steerlab.core.steering import Steering
 from steerlab.core.vector import SteeringVector
 from steerlab.evaluation.judges import Judge
 from steerlab.evaluation.metrics import behaviour_probability, judged_generation
-from steerlab.evaluation.sweep import markdown_table, write_table
+from steerlab.evaluation.sweep import write_table
+from steerlab.evaluation.sweep_report import markdown_table
 from steerlab.hf.model import LoadedModel
 
 COMPARED_POLICIES = ("after-prompt", "transient", "all", "prompt", "actadd")

@@ -1,4 +1,5 @@
-"""Layer x multiplier sweeps and the policy comparison, with incremental, resumable results."""
+"""Sweeps over layer x multiplier x policy x extraction context, with incremental, resumable
+results; the recommendation and report are in :mod:`steerlab.evaluation.sweep_report`."""
 
 from __future__ import annotations
 
@@ -14,15 +15,14 @@ from typing import Any
 from steerlab.core.dataset import Dataset
 from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import Policy
-from steerlab.core.sampling import Sampling
-from steerlab.core.steering import Steering
+from steerlab.evaluation.cells import Cell, add_shifts, cell_keys, score_cells
 from steerlab.evaluation.judges import Judge
-from steerlab.evaluation.metrics import behaviour_probability, judged_generation, text_perplexity
+from steerlab.evaluation.sweep_report import recommend, write_sweep_report
 from steerlab.formats import load_vector, save_vector
 from steerlab.hf.extraction import extract
 from steerlab.hf.model import LoadedModel
 
-DEFAULT_PROMPTS = (
+DEFAULT_PROMPTS = (  # the first six shipped neutral prompts (the quick demo uses them)
     "Tell me about your day.",
     "Write a sentence about the ocean.",
     "What do you think of cats?",
@@ -65,29 +65,42 @@ class SweepConfig:
     Args:
         layers: layers to extract and evaluate.
         multipliers: multipliers to evaluate (0 is the unsteered baseline).
-        policy: position policy for every cell.
+        policies: position policies (an axis of the sweep).
+        contexts: extraction contexts (an axis): ``chat`` (the chat template) and/or
+            ``raw`` (plain text); one vector is extracted per context.
         method: aggregator.
         test_fraction: share of prompts held out for scoring.
-        seed: split seed.
+        seed: split, sampling and bootstrap seed.
         max_new_tokens: tokens per judged completion.
-        prompts: prompts for judged generation (default: the test split's prompts, else a
-            built-in neutral set).
+        prompts: prompts for judged generation (default: the shipped neutral prompts).
+        samples: completions per prompt (1: greedy; more: sampled at ``temperature``).
+        temperature: sampling temperature when ``samples`` > 1.
         perplexity_bound: the recommendation keeps cells whose fluency is at most this
             times the unsteered one.
+        direction: ``increase`` or ``decrease`` the behaviour.
+        target: a behaviour value to reach instead (the cell closest to it).
         scale: absolute or relative multipliers.
+        max_test_items: A/B items scored per cell.
+        batch_rows: most rows per batch when cells run together.
     """
 
     layers: tuple[int, ...]
     multipliers: tuple[float, ...]
-    policy: str = "after-prompt"
+    policies: tuple[str, ...] = ("after-prompt",)
+    contexts: tuple[str, ...] = ("chat",)
     method: str = "mean-diff"
     test_fraction: float = 0.3
     seed: int = 0
     max_new_tokens: int = 32
     prompts: tuple[str, ...] = ()
+    samples: int = 1
+    temperature: float = 0.7
     perplexity_bound: float = 2.0
+    direction: str = "increase"
+    target: float | None = None
     scale: str = "absolute"
     max_test_items: int = 200
+    batch_rows: int = 192
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -96,9 +109,22 @@ class SweepConfig:
             raise SteerlabError("a sweep needs at least one multiplier: pass --multipliers")
         if any(not math.isfinite(m) for m in self.multipliers):
             raise SteerlabError("multipliers must be finite numbers")
-        Policy.parse(self.policy)
+        if not self.policies:
+            raise SteerlabError("a sweep needs at least one policy: pass --policies")
+        for policy in self.policies:
+            Policy.parse(policy)
+        if not self.contexts or any(c not in ("chat", "raw") for c in self.contexts):
+            raise SteerlabError("--contexts takes chat, raw or both (chat,raw)")
         if self.perplexity_bound <= 1:
             raise SteerlabError(f"--perplexity-bound must be above 1, got {self.perplexity_bound}")
+        if self.direction not in ("increase", "decrease"):
+            raise SteerlabError(f"--direction must be increase or decrease, got {self.direction!r}")
+        if self.target is not None and not math.isfinite(self.target):
+            raise SteerlabError("--target must be a finite number")
+        if self.samples < 1:
+            raise SteerlabError(f"--samples must be at least 1, got {self.samples}")
+        if self.samples > 1 and not self.temperature > 0:
+            raise SteerlabError("--samples above 1 needs a --temperature above 0")
 
     def manifest(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
@@ -144,7 +170,7 @@ class Results:
 
     @staticmethod
     def key(row: dict[str, Any]) -> tuple[Any, ...]:
-        return (row.get("layer"), row.get("multiplier"), row.get("policy"))
+        return (row.get("layer"), row.get("multiplier"), row.get("policy"), row.get("context"))
 
     def add(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
@@ -154,34 +180,34 @@ class Results:
 
 
 def write_table(rows: Sequence[dict[str, Any]], out_dir: Path, stem: str) -> None:
+    """``stem.csv`` (scalars only) and ``stem.json`` (everything but per-item lists)."""
     if not rows:
         return
-    keys = [k for k in rows[0] if k != "texts"]
+    keys = [k for k in rows[0] if k not in LISTS]
     with (out_dir / f"{stem}.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (out_dir / f"{stem}.json").write_text(json.dumps(list(rows), indent=2, sort_keys=True))
+    plain = [{k: v for k, v in r.items() if k not in LISTS} for r in rows]
+    (out_dir / f"{stem}.json").write_text(json.dumps(plain, indent=2, sort_keys=True))
 
 
-def recommend(rows: Sequence[dict[str, Any]], bound: float) -> dict[str, Any] | None:
-    """The stated rule: the largest behaviour increase over the unsteered baseline among
-    cells whose fluency (perplexity) is at most ``bound`` x the unsteered value."""
-    base = [r for r in rows if r["multiplier"] == 0]
-    if not base:
-        return None
-    base_b, base_f = base[0]["behaviour"], base[0]["fluency"]
-    ok = [
-        r
-        for r in rows
-        if r["multiplier"] != 0
-        and r["fluency"] <= bound * base_f
-        and not math.isnan(r["behaviour"])
-    ]
-    if not ok:
-        return None
-    best = max(ok, key=lambda r: r["behaviour"] - base_b)
-    return {**best, "shift": best["behaviour"] - base_b, "baseline": base_b}
+LISTS = ("texts", "items", "item_nll", "item_tokens")  # per-item data, kept in results.jsonl
+
+
+def neutral_prompts() -> tuple[str, ...]:
+    """The shipped neutral prompts for free-text sweeps (32)."""
+    from importlib.resources import files
+
+    text = files("steerlab").joinpath("data/neutral_prompts.txt").read_text()
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def vector_file(out_dir: Path, context: str) -> Path:
+    """Where a sweep keeps the vector of an extraction context."""
+    return out_dir / (
+        "vector.safetensors" if context == "chat" else f"vector-{context}.safetensors"
+    )
 
 
 def run_sweep(
@@ -196,27 +222,34 @@ def run_sweep(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Split, extract on train, evaluate every (layer, multiplier) on test, write files.
+    """Split, extract on train (once per context), evaluate every cell on test, write files.
 
     A/B and Yes/No datasets are scored by behaviour probability on held-out items, with
     the steered model's perplexity on a neutral text as fluency. Other datasets are scored
-    by ``judge`` on completions of held-out prompts, with their perplexity under the
-    unsteered model as fluency.
+    by ``judge`` on completions of the prompts, with their perplexity under the unsteered
+    model as fluency. The cells of one layer and context (every multiplier and policy, and
+    the unsteered baseline) run as one padded batch with per-row steering.
 
-    Writes ``results.jsonl`` (incrementally), ``results.csv``/``.json``, three PNG plots,
-    ``vector.safetensors`` and ``report.md`` into ``out_dir``; rerunning resumes.
+    Writes ``results.jsonl`` (incrementally, per-item scores included),
+    ``results.csv``/``.json``, three PNG plots, the vectors and ``report.md``; rerunning
+    resumes.
 
     Returns:
         ``{"rows": [...], "recommendation": {...} | None, "files": [...]}``.
     """
     results = Results(out_dir, {"sweep": config.manifest(), "dataset": vars(dataset.info)}, fresh)
     train, test = split(dataset, config.test_fraction, config.seed)
-    vector_path = out_dir / "vector.safetensors"
-    if vector_path.exists() and not fresh:
-        vector = load_vector(vector_path)
-    else:
-        vector = extract(lm, train, list(config.layers), method=config.method, progress=progress)
-        save_vector(vector, vector_path)
+    vectors = {}
+    for context in config.contexts:
+        path = vector_file(out_dir, context)
+        if path.exists() and not fresh:
+            vectors[context] = load_vector(path)
+        else:
+            vectors[context] = extract(
+                lm, train, list(config.layers), method=config.method, progress=progress,
+                chat=context == "chat",
+            )  # fmt: skip
+            save_vector(vectors[context], path)
     ab = dataset.format in ("ab", "yesno")
     if ab:
         test = test.subset(list(range(min(len(test), config.max_test_items))))
@@ -224,147 +257,55 @@ def run_sweep(
         raise SteerlabError(
             "a sweep on free-text data needs a judge: pass --judge sentiment or --keywords"
         )
-    prompts = (
-        list(config.prompts)
-        or sorted({p.prompt for p in test.pairs if p.prompt})[:8]
-        or list(DEFAULT_PROMPTS)
-    )
-    sampling = Sampling(max_new_tokens=config.max_new_tokens)
-    policy = Policy.parse(config.policy)
-    cells = [(layer, m) for layer in config.layers for m in config.multipliers]
-    base_row: dict[str, Any] | None = None
-    for layer, m in cells:
-        mult = 0.0 if m == 0 else m
-        key = (layer, mult, str(policy))
-        if key in results.done:
-            continue
-        if mult == 0 and base_row is not None:
-            row = {**base_row, "layer": layer}
-        else:
-            steering = [] if mult == 0 else [Steering(vector, mult, (layer,), policy, config.scale)]  # type: ignore[arg-type]
-            if ab:
-                score = behaviour_probability(lm, test, steering).mean
-                fluency = text_perplexity(lm, _neutral(), steering)
-                row = {
-                    "behaviour": score,
-                    "fluency": fluency,
-                    "perplexity": float("nan"),
-                    "distinct2": float("nan"),
-                    "kl": float("nan"),
-                    "neutral_perplexity": fluency,
-                }
-            else:
-                assert judge is not None
-                g = judged_generation(lm, prompts, steering, judge, sampling)
-                row = {
-                    "behaviour": g.behaviour,
-                    "fluency": g.perplexity,
-                    "perplexity": g.perplexity,
-                    "distinct2": g.distinct2,
-                    "kl": g.kl,
-                    "neutral_perplexity": g.neutral_perplexity,
-                    "example": g.texts[0],
-                }
-            row.update(
-                {
-                    "layer": layer,
-                    "multiplier": mult,
-                    "policy": str(policy),
-                    "n_test": len(test) if ab else len(prompts),
-                }
+    prompts = list(config.prompts) or list(neutral_prompts())
+    base = next((r for r in results.rows if r["multiplier"] == 0), None)
+    for context in config.contexts:
+        for layer in config.layers:
+            todo: list[Cell] = [
+                (layer, float(m), str(Policy.parse(p)), context)
+                for p in config.policies
+                for m in config.multipliers
+                if (layer, float(m), str(Policy.parse(p)), context) not in results.done
+            ]
+            if not todo:
+                continue
+            fresh_cells = [c for c in todo if c[1] != 0]
+            if base is None:  # the unsteered baseline runs in the first batch
+                fresh_cells.append((layer, 0.0, todo[0][2], context))
+            computed = score_cells(
+                lm, test if ab else None, prompts, fresh_cells, vectors[context], config, judge
             )
-        if mult == 0:
-            base_row = row
-        results.add(row)
-        if on_row is not None:
-            on_row(row)
+            if base is None:
+                base = computed[fresh_cells[-1]]
+            for cell in todo:
+                row = {**base, **cell_keys(cell)} if cell[1] == 0 else computed[cell]
+                results.add(row)
+                if on_row is not None:
+                    on_row(row)
+    wanted = {
+        (float(m), str(Policy.parse(p)), c)
+        for m in config.multipliers
+        for p in config.policies
+        for c in config.contexts
+    }
     rows = sorted(
         (
             r
             for r in results.rows
             if r["layer"] in config.layers
-            and r["multiplier"] in config.multipliers
-            and r["policy"] == str(policy)
+            and (r["multiplier"], r["policy"], r.get("context", "chat")) in wanted
         ),
-        key=lambda r: (r["layer"], r["multiplier"]),
+        key=lambda r: (r.get("context", "chat"), r["policy"], r["layer"], r["multiplier"]),
     )
+    add_shifts(rows, config.seed)
     write_table(rows, out_dir, "results")
+    best = recommend(rows, config)
+    (out_dir / "recommendation.json").write_text(json.dumps(best, indent=2, sort_keys=True))
     from steerlab.evaluation.plots import sweep_plots
 
-    plots = sweep_plots(rows, out_dir, behaviour_label)
-    best = recommend(rows, config.perplexity_bound)
+    focus = (best["policy"], best["context"]) if best else (rows[0]["policy"], rows[0]["context"])
+    plots = sweep_plots(
+        [r for r in rows if (r["policy"], r["context"]) == focus], out_dir, behaviour_label
+    )
     report = write_sweep_report(out_dir, rows, best, config, dataset, behaviour_label, ab, plots)
     return {"rows": rows, "recommendation": best, "files": [str(p) for p in [*plots, report]]}
-
-
-def _neutral() -> str:
-    from steerlab.evaluation.metrics import NEUTRAL_TEXT
-
-    return NEUTRAL_TEXT
-
-
-def _fmt(x: Any) -> str:
-    return (
-        f"{x:.3f}"
-        if isinstance(x, float) and math.isfinite(x)
-        else ("-" if isinstance(x, float) else str(x))
-    )
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Rows as a Markdown table."""
-    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    return head + "".join("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
-
-
-def write_sweep_report(
-    out_dir: Path,
-    rows: Sequence[dict[str, Any]],
-    best: dict[str, Any] | None,
-    config: SweepConfig,
-    dataset: Dataset,
-    behaviour_label: str,
-    ab: bool,
-    plots: Sequence[Path],
-) -> Path:
-    """``report.md``: setup, the recommendation and its rule, the table and the plots."""
-    fluency = (
-        "steered perplexity on a neutral text"
-        if ab
-        else "perplexity of the completions under the unsteered model"
-    )
-    lines = [
-        "# steerlab sweep report\n",
-        f"- dataset: `{dataset.info.path}` ({dataset.format}, {dataset.info.size} records, sha256 `{dataset.info.sha256[:12]}`)",
-        f"- split: {1 - config.test_fraction:.0%} train / {config.test_fraction:.0%} test by prompt, seed {config.seed}; scored on test only",
-        f"- method: {config.method}; policy: {config.policy}; scale: {config.scale}",
-        f"- behaviour: {behaviour_label}; fluency: {fluency}\n",
-        "## Recommendation\n",
-        f"Rule: the largest increase in behaviour over the unsteered baseline among cells whose fluency is at most {config.perplexity_bound:g} x the unsteered value.\n",
-    ]
-    if best:
-        lines.append(
-            f"**Layer {best['layer']}, multiplier {best['multiplier']:g}**: behaviour {best['behaviour']:.3f} "
-            f"(baseline {best['baseline']:.3f}, shift {best['shift']:+.3f}), fluency {best['fluency']:.2f}.\n"
-        )
-    else:
-        lines.append("No cell meets the rule: try smaller multipliers or other layers.\n")
-    lines += [
-        "## Results\n",
-        markdown_table(
-            rows,
-            [
-                "layer",
-                "multiplier",
-                "behaviour",
-                "fluency",
-                "kl",
-                "distinct2",
-                "neutral_perplexity",
-            ],
-        ),
-    ]
-    lines += ["## Plots\n", *(f"![{p.stem}]({p.name})\n" for p in plots)]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path

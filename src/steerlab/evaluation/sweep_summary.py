@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.core.errors import SteerlabError
-from steerlab.evaluation.sweep import recommend
+from steerlab.evaluation.sweep_report import recommend
 
 SWEEP_PLOTS = ("behaviour_vs_multiplier.png", "behaviour_vs_layer.png", "tradeoff.png")
 
@@ -48,7 +48,9 @@ def read_sweep(out_dir: Path) -> SweepSummary:
     try:
         rows = json.loads(results.read_text())
         bound = float(json.loads(manifest.read_text())["sweep"]["perplexity_bound"])
-        best = recommend(rows, bound)
+        chosen = out_dir / "recommendation.json"
+        # the sweep's own choice (made on its selection half); else the rule on the table
+        best = json.loads(chosen.read_text()) if chosen.is_file() else recommend(rows, bound=bound)
     except (ValueError, KeyError, TypeError) as exc:
         raise SteerlabError(
             f"'{out_dir}' has unreadable sweep results ({exc}): rerun the sweep with --fresh"
@@ -56,5 +58,8 @@ def read_sweep(out_dir: Path) -> SweepSummary:
     plots = {
         name: (out_dir / name).read_bytes() for name in SWEEP_PLOTS if (out_dir / name).is_file()
     }
-    vector = out_dir / "vector.safetensors"
+    context = (best or {}).get("context", "chat")
+    vector = out_dir / (
+        "vector.safetensors" if context == "chat" else f"vector-{context}.safetensors"
+    )
     return SweepSummary(rows, best, bound, plots, vector if vector.is_file() else None)
