@@ -8,7 +8,7 @@ import torch
 from steerlab.core.dataset import Dataset, Pair
 from steerlab.core.errors import SteerlabError
 from steerlab.core.steering import Steering
-from steerlab.hf.bipo import BipoConfig, _completion_logprobs, train_bipo
+from steerlab.hf.bipo import BipoConfig, pair_logprobs, train_bipo
 from steerlab.hf.extraction import build_items
 from steerlab.hf.hooks import steer
 
@@ -18,13 +18,15 @@ PAIRS = tuple(
 DATA = Dataset("pairs", pairs=PAIRS)
 
 
+def _pairs(lm):
+    items, _ = build_items(lm, DATA, "mean", chat=False)
+    return [(p.ids, n.ids, p.start) for p, n in zip(items[::2], items[1::2], strict=True)]
+
+
 def _margin(lm, steering) -> float:
     """Mean (log p(positive) - log p(negative)) over the pairs, under ``steering``."""
-    items, _ = build_items(lm, DATA, "mean", chat=False)
-    seqs = [it.ids for it in items]
-    starts = [max(it.start, 1) for it in items]
     with torch.no_grad(), steer(lm.model, steering, layer_map=lm.layers):
-        lp = _completion_logprobs(lm.model, seqs, starts, torch.device("cpu")).view(-1, 2)
+        lp = pair_logprobs(lm.model, _pairs(lm), torch.device("cpu"))
     return float((lp[:, 0] - lp[:, 1]).mean())
 
 
@@ -77,3 +79,14 @@ def test_bipo_needs_two_pairs_and_a_real_layer(llama):
         train_bipo(llama, DATA, 9)
     with pytest.raises(SteerlabError, match="this is a unpaired set"):
         train_bipo(llama, Dataset("unpaired"), 1)
+
+
+def test_pair_logprobs_equal_one_sequence_at_a_time(llama):
+    pairs = [([5, 6, 7, 8, 9, 10], [5, 6, 7, 20, 21], 3), ([11, 12, 13], [11, 12, 14, 15], 2)]
+    got = pair_logprobs(llama.model, pairs, torch.device("cpu"))
+    for i, (pos, neg, start) in enumerate(pairs):
+        for k, seq in enumerate((pos, neg)):
+            logits = llama.model(input_ids=torch.tensor([seq])).logits[0].float().detach()
+            logp = torch.log_softmax(logits, -1)
+            want = sum(float(logp[t - 1, seq[t]]) for t in range(start, len(seq)))
+            assert float(got[i, k]) == pytest.approx(want, abs=1e-4)

@@ -76,7 +76,7 @@ def extract(
     batch_size: int | None = typer.Option(
         None, "--batch-size", help="Sequences per forward pass (32); bipo: pairs per step (8)."
     ),
-    steps: int = typer.Option(200, "--steps", help="bipo: optimiser steps."),
+    steps: int = typer.Option(100, "--steps", help="bipo: optimiser steps."),
     lr: float = typer.Option(0.02, "--lr", help="bipo: AdamW learning rate."),
     beta: float = typer.Option(0.5, "--beta", help="bipo: preference temperature."),
     seed: int = typer.Option(0, "--seed", help="bipo: seed (batches and directions)."),

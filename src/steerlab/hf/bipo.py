@@ -4,14 +4,16 @@ Optimization"); docs/design.md, "Trained vectors".
 
 The model is frozen; only ``v`` (one layer, zero at the start) is trained. Each step takes
 a batch of pairs ``(prompt, positive, negative)`` and, per pair, a direction ``d = ±1``
-drawn at random; with ``v`` added as ``d·v`` to the block output at every position, the
-loss is
+drawn at random; with ``d·v`` added to the block output where after-prompt steering adds
+it (the prompt's last token and the completion), the loss is
 
     -log σ( d·β·[ (log π_v(pos) − log π(pos)) − (log π_v(neg) − log π(neg)) ] )
 
 where ``log π(·)`` is the completion's log-likelihood given the prompt (the unsteered
 model's, computed once). So ``+v`` makes the positive completions likelier than the
-negative ones and ``−v`` the reverse. Runs are reproducible from the seed.
+negative ones and ``−v`` the reverse. The original adds ``v`` at the prompt too; adding it
+where it will be used lets each pair's prompt run once, unsteered and without gradient,
+for both completions. Runs are reproducible from the seed.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class BipoConfig:
     """Training settings: optimiser steps, AdamW learning rate, pairs per step, the
     preference temperature beta, weight decay and the seed."""
 
-    steps: int = 200
+    steps: int = 100
     lr: float = 0.02
     batch_size: int = 8
     beta: float = 0.5
@@ -66,9 +68,12 @@ class BipoResult:
 
 @contextmanager
 def _adding(block: nn.Module, v: torch.Tensor, signs: list[torch.Tensor]) -> Iterator[None]:
-    """Add ``signs[0][row] * v`` to the block's output at every position (with gradient)."""
+    """Add ``signs[0][row] * v`` to the block's output at every position of the forwards
+    that run while ``signs`` holds a tensor (with gradient); others are left alone."""
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        if not signs:
+            return None
         hidden = block_output(output)
         delta = signs[0].to(hidden.dtype)[:, None, None] * v.to(hidden.dtype)
         return replace_block_output(output, hidden + delta)
@@ -80,19 +85,55 @@ def _adding(block: nn.Module, v: torch.Tensor, signs: list[torch.Tensor]) -> Ite
         handle.remove()
 
 
-def _completion_logprobs(
-    model: nn.Module, seqs: list[list[int]], starts: list[int], device: torch.device
+def pair_logprobs(
+    model: nn.Module,
+    pairs: list[tuple[list[int], list[int], int]],
+    device: torch.device,
+    signs: list[torch.Tensor] | None = None,
+    sign_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Each sequence's log-likelihood of its tokens from ``start`` on ``[n]`` (right-padded)."""
-    ids, mask = pad_batch(seqs, 0, side="right")
-    ids, mask = ids.to(device), mask.to(device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # predicts tokens 1..
-    target = ids[:, 1:]
-    token_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [n, seq-1]
-    positions = torch.arange(1, ids.shape[1], device=device)[None, :]
-    keep = (positions >= torch.tensor(starts, device=device)[:, None]) & mask[:, 1:].bool()
-    return (token_lp * keep).sum(-1)
+    """log p(completion | prompt) of each pair's positive and negative ``[pairs, 2]``.
+
+    ``pairs`` holds ``(positive ids, negative ids, start)``, ``start`` the first completion
+    token (the ids before it are the shared prompt). Each prompt but its last token runs
+    once, unsteered and without gradient, into a KV cache; both completions then run on it
+    from the prompt's last token on, with ``sign_rows[row] * v`` added where ``_adding`` is
+    active: exactly the positions after-prompt steering covers.
+    """
+    from transformers import DynamicCache
+
+    from steerlab.core.prompts import position_ids
+    from steerlab.hf.layers import cache_kwarg
+
+    signs = signs if signs is not None else []
+    heads = [pos[: start - 1] for pos, _, start in pairs]
+    tails = [seq[start - 1 :] for pos, neg, start in pairs for seq in (pos, neg)]
+    base: Any = model.get_decoder() if hasattr(model, "get_decoder") else model  # type: ignore[operator]
+    ids, mask = pad_batch(heads, 0, side="left")
+    cache = DynamicCache()
+    signs.clear()  # the prompt is not steered
+    with torch.no_grad():
+        base(
+            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
+            position_ids=position_ids(mask).to(device), **{cache_kwarg(base): cache},
+        )  # fmt: skip
+    cache.batch_repeat_interleave(2)
+    tail_ids, tail_mask = pad_batch(tails, 0, side="right")
+    full = torch.cat([mask.repeat_interleave(2, dim=0), tail_mask], dim=1)
+    if sign_rows is not None:
+        signs.append(sign_rows)
+    try:
+        logits = model(
+            input_ids=tail_ids.to(device), attention_mask=full.to(device), use_cache=True,
+            position_ids=position_ids(full, past=ids.shape[1]).to(device),
+            **{cache_kwarg(model): cache},
+        ).logits.float()  # fmt: skip
+    finally:
+        signs.clear()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # tail position j predicts tail token j+1
+    target = tail_ids[:, 1:].to(device)
+    token_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return (token_lp * tail_mask[:, 1:].to(device)).sum(-1).view(-1, 2)
 
 
 def train_bipo(
@@ -125,31 +166,40 @@ def train_bipo(
     from steerlab.hf.extraction import _progress, build_items
 
     items, _ = build_items(lm, dataset, "mean", chat=chat, system=system)
-    seqs = [it.ids for it in items]
-    starts = [max(it.start, 1) for it in items]  # completion tokens (the first is predicted)
+    pairs = []
+    for pos, neg in zip(items[::2], items[1::2], strict=True):
+        shared = next(
+            (i for i, (a, b) in enumerate(zip(pos.ids, neg.ids, strict=False)) if a != b),
+            min(len(pos.ids), len(neg.ids)),
+        )
+        start = min(pos.start, neg.start, shared + 1, len(pos.ids) - 1, len(neg.ids) - 1)
+        if start < 2:
+            raise SteerlabError(
+                "BiPO needs a prompt before each completion (the completions are scored given "
+                "it): give the pairs prompts, or render them with the chat template"
+            )
+        pairs.append((pos.ids, neg.ids, start))
     device = input_device(lm.model)
     model = lm.model
     block = lm.layers.blocks[layer]
-    n_pairs = len(items) // 2
+    n_pairs = len(pairs)
     chunk = max(1, config.batch_size)
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
+        signs: list[torch.Tensor] = []
+        v = torch.zeros(lm.info.hidden_size, device=device, requires_grad=True)
         with torch.no_grad():
             reference = torch.cat(
                 [
-                    _completion_logprobs(
-                        model, seqs[i : i + 2 * chunk], starts[i : i + 2 * chunk], device
-                    )
-                    for i in range(0, len(seqs), 2 * chunk)
+                    pair_logprobs(model, pairs[i : i + chunk], device)
+                    for i in range(0, n_pairs, chunk)
                 ]
-            )  # [2 * pairs]: positive, negative, ...
-            norms = _mean_norm(model, block, seqs, device)
+            )  # [pairs, 2]: the unsteered log-likelihoods
+            norms = _mean_norm(model, block, [p[0] for p in pairs[:32]], device)  # for --scale
         gen = torch.Generator().manual_seed(config.seed)
-        v = torch.zeros(lm.info.hidden_size, device=device, requires_grad=True)
         optim = torch.optim.AdamW([v], lr=config.lr, weight_decay=config.weight_decay)
-        signs: list[torch.Tensor] = [torch.ones(1)]
         losses: list[float] = []
         order: list[int] = []
         bar = _progress(config.steps, progress, "training BiPO")
@@ -160,13 +210,12 @@ def train_bipo(
                     order += torch.randperm(n_pairs, generator=gen).tolist()
                 batch, order = order[:chunk], order[chunk:]
                 d = torch.randint(0, 2, (len(batch),), generator=gen).float() * 2 - 1  # ±1
-                rows = [2 * i + k for i in batch for k in (0, 1)]
-                signs[0] = d.repeat_interleave(2).to(device)
                 with torch.enable_grad():
-                    lp = _completion_logprobs(
-                        model, [seqs[r] for r in rows], [starts[r] for r in rows], device
-                    ).view(-1, 2)
-                    ref = reference[torch.tensor(rows, device=device)].view(-1, 2)
+                    lp = pair_logprobs(
+                        model, [pairs[i] for i in batch], device, signs,
+                        d.repeat_interleave(2).to(device),
+                    )  # fmt: skip
+                    ref = reference[torch.tensor(batch, device=device)]
                     margin = (lp[:, 0] - ref[:, 0]) - (lp[:, 1] - ref[:, 1])
                     loss = -torch.nn.functional.logsigmoid(
                         d.to(device) * config.beta * margin
