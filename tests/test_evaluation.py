@@ -279,3 +279,51 @@ def test_real_model_sentiment_vector_changes_greedy_output():
     judge = sentiment()
     assert sum(judge(neg)) < sum(judge(plain))
     assert torch.is_tensor(vec.directions[9])
+
+
+def test_axbench_judge_rates_three_ways_and_takes_the_harmonic_mean():
+    from steerlab.evaluation.judges import AXBENCH_TEMPLATES, axbench, harmonic
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            text = body["messages"][0]["content"]
+            seen.append(text)
+            if "express the concept" in text:
+                reply = "2" if "ocean" in text.split("Response:")[1] else "0"
+            elif "relevant to the instruction" in text:
+                reply = "Rating: 1"
+            else:
+                reply = "2"
+            payload = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        judge = axbench(f"http://127.0.0.1:{server.server_port}/v1", "stub", "the ocean")
+        scores = judge(["the ocean is wide", "cats sleep"], ["Tell me a fact.", "Hi"])
+        assert scores == [pytest.approx(3 / (1 / 2 + 1 / 1 + 1 / 2)), 0.0]
+        assert len(seen) == 6 and all("the ocean" in t for t in seen[::3])
+        assert "Tell me a fact." in seen[1]  # the instruction rating sees the prompt
+        assert set(AXBENCH_TEMPLATES) == {"concept", "instruction", "fluency"}
+        with pytest.raises(SteerlabError, match="needs each completion's prompt"):
+            judge(["x"])
+        # in a sweep, the judge gets each row's prompt
+        lm = tiny.model("llama")
+        from steerlab.evaluation.metrics import judged_rows
+
+        rows = judged_rows(lm, ["a", "b"], [[], []], judge, Sampling(max_new_tokens=3))
+        assert len(rows.scores) == 2 and seen[-2].count("Instruction:\nb") == 1
+    finally:
+        server.shutdown()
+    assert harmonic([2.0, 2.0, 2.0]) == 2.0 and harmonic([2.0, 0.0, 1.0]) == 0.0

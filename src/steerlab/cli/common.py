@@ -89,7 +89,13 @@ def judge_of(
         if not judge_url:
             raise SteerlabError("--judge llm needs --judge-url, e.g. http://127.0.0.1:8000/v1")
         return judges.llm(judge_url, judge_model, behaviour)
-    raise SteerlabError(f"unknown judge '{judge}': use sentiment, llm, or --keywords word1,word2")
+    if judge == "axbench":
+        if not judge_url:
+            raise SteerlabError("--judge axbench needs --judge-url, e.g. http://127.0.0.1:8000/v1")
+        return judges.axbench(judge_url, judge_model, behaviour)
+    raise SteerlabError(
+        f"unknown judge '{judge}': use sentiment, llm, axbench, or --keywords word1,word2"
+    )
 
 
 def print_rows(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:

@@ -59,7 +59,10 @@ def sweep(
     test_fraction: float = typer.Option(0.3, "--test-fraction"),
     seed: int = typer.Option(0, "--seed"),
     judge: str = typer.Option(
-        "sentiment", "--judge", help="sentiment or llm (free-text datasets)."
+        "sentiment",
+        "--judge",
+        help="sentiment, llm (a 0-10 rubric) or axbench (concept, relevance and fluency 0-2, "
+        "harmonic mean) for free-text datasets; llm and axbench need --judge-url.",
     ),
     keywords: str | None = typer.Option(
         None, "--keywords", help="Keyword judge: comma-separated words."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from steerlab.core.errors import SteerlabError
 
@@ -68,35 +69,114 @@ def llm(
     Scores are the first number in the judge's reply, divided by 10 (so in [0, 1]); a
     reply without a number scores NaN and is left out of means.
     """
-    import httpx
-
-    url = base_url.rstrip("/") + (
-        "/chat/completions" if base_url.rstrip("/").endswith("/v1") else "/v1/chat/completions"
-    )
+    url = _chat_url(base_url)
 
     def judge(texts: Sequence[str]) -> list[float]:
+        import httpx
+
         scores = []
         with httpx.Client(timeout=timeout) as client:
             for text in texts:
-                prompt = rubric.format(behaviour=behaviour, text=text)
-                body = {
-                    "model": model,
-                    "messages": [{"role": "user", "content": prompt}],
-                    "temperature": 0,
-                    "max_tokens": 8,
-                }
-                try:
-                    response = client.post(
-                        url, json=body, headers={"Authorization": f"Bearer {api_key}"}
-                    )
-                    response.raise_for_status()
-                    reply = response.json()["choices"][0]["message"]["content"]
-                except (httpx.HTTPError, KeyError, IndexError, json.JSONDecodeError) as exc:
-                    raise SteerlabError(
-                        f"the LLM judge at {url} failed ({type(exc).__name__}): check --judge-url and that the server runs"
-                    ) from None
-                match = re.search(r"-?\d+(\.\d+)?", str(reply))
+                reply = _ask(
+                    client, url, model, api_key, rubric.format(behaviour=behaviour, text=text)
+                )
+                match = re.search(r"-?\d+(\.\d+)?", reply)
                 scores.append(float(match.group()) / 10.0 if match else float("nan"))
         return scores
 
     return judge
+
+
+def _chat_url(base_url: str) -> str:
+    base = base_url.rstrip("/")
+    return base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+
+
+def _ask(client: Any, url: str, model: str, api_key: str, prompt: str) -> str:
+    """One greedy, short chat completion from an OpenAI-compatible judge."""
+    import httpx
+
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": 8,
+    }
+    try:
+        response = client.post(url, json=body, headers={"Authorization": f"Bearer {api_key}"})
+        response.raise_for_status()
+        return str(response.json()["choices"][0]["message"]["content"])
+    except (httpx.HTTPError, KeyError, IndexError, json.JSONDecodeError) as exc:
+        raise SteerlabError(
+            f"the LLM judge at {url} failed ({type(exc).__name__}): check --judge-url and that "
+            "the server runs"
+        ) from None
+
+
+# AxBench-style ratings (Wu et al. 2025), each 0-2; these templates are steerlab's own.
+AXBENCH_TEMPLATES = {
+    "concept": (
+        "Does the response below express the concept '{concept}'? Answer 0 if it does not "
+        "appear, 1 if it appears weakly or only in passing, 2 if it is clearly and strongly "
+        "present. Answer with the digit only.\n\nResponse:\n{text}"
+    ),
+    "instruction": (
+        "Is the response below relevant to the instruction? Answer 0 if it ignores it, 1 if "
+        "it is partly relevant, 2 if it addresses it. Answer with the digit only.\n\n"
+        "Instruction:\n{prompt}\n\nResponse:\n{text}"
+    ),
+    "fluency": (
+        "How fluent and coherent is the response below, as English text? Answer 0 for "
+        "broken or repetitive text, 1 for understandable but awkward text, 2 for fluent "
+        "text. Answer with the digit only.\n\nResponse:\n{text}"
+    ),
+}
+
+
+class PromptJudge:
+    """A judge that also reads the prompt of each completion: ``judge(texts, prompts)``."""
+
+    takes_prompts = True
+
+    def __call__(self, texts: Sequence[str], prompts: Sequence[str] = ()) -> list[float]:
+        raise NotImplementedError
+
+
+def axbench(
+    base_url: str, model: str, concept: str, *, api_key: str = "none", timeout: float = 60.0
+) -> PromptJudge:
+    """AxBench's judged score: an LLM judge rates concept presence, relevance to the
+    instruction and fluency 0-2 each; the score is their harmonic mean (0 if any rating is
+    0), in [0, 2]. A reply without a digit 0-2 scores NaN (left out of means)."""
+    url = _chat_url(base_url)
+
+    class AxBench(PromptJudge):
+        def __call__(self, texts: Sequence[str], prompts: Sequence[str] = ()) -> list[float]:
+            import httpx
+
+            if len(prompts) != len(texts):
+                raise SteerlabError("the AxBench judge needs each completion's prompt")
+            scores = []
+            with httpx.Client(timeout=timeout) as client:
+                for text, prompt in zip(texts, prompts, strict=True):
+                    ratings = []
+                    for template in AXBENCH_TEMPLATES.values():
+                        reply = _ask(
+                            client, url, model, api_key,
+                            template.format(concept=concept, prompt=prompt, text=text),
+                        )  # fmt: skip
+                        match = re.search(r"[0-2]", reply)
+                        ratings.append(float(match.group()) if match else float("nan"))
+                    scores.append(harmonic(ratings))
+            return scores
+
+    return AxBench()
+
+
+def harmonic(ratings: Sequence[float]) -> float:
+    """The harmonic mean of the ratings; 0 if any is 0, NaN if any is NaN."""
+    if any(r != r for r in ratings):
+        return float("nan")
+    if any(r == 0 for r in ratings):
+        return 0.0
+    return len(ratings) / sum(1.0 / r for r in ratings)

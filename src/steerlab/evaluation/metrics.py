@@ -207,9 +207,12 @@ def judged_rows(
     assert out.kl is not None and out.unsteered_logprobs is not None
     nll = tuple(-float(out.unsteered_logprobs[r, :n].sum()) for r, n in enumerate(out.lengths))
     kl = tuple(float(out.kl[r, :n].sum()) for r, n in enumerate(out.lengths))
-    return JudgedRows(
-        tuple(texts), tuple(judge(texts)), nll, tuple(int(n) for n in out.lengths), kl
+    scores = (
+        judge(texts, list(prompts))  # type: ignore[call-arg]
+        if getattr(judge, "takes_prompts", False)
+        else judge(texts)
     )
+    return JudgedRows(tuple(texts), tuple(scores), nll, tuple(int(n) for n in out.lengths), kl)
 
 
 def judged_generation(
