@@ -15,6 +15,7 @@ from typing import Any
 from steerlab.core.dataset import Dataset
 from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import Policy
+from steerlab.core.vector import SteeringVector
 from steerlab.evaluation.cells import Cell, add_shifts, cell_keys, score_cells
 from steerlab.evaluation.judges import Judge
 from steerlab.evaluation.sweep_report import recommend, write_sweep_report
@@ -203,6 +204,35 @@ def neutral_prompts() -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
+def make_vector(
+    lm: LoadedModel, train: Dataset, config: SweepConfig, chat: bool, progress: bool
+) -> SteeringVector:
+    """The sweep's vector from the train split: extracted, or (``bipo``) trained per layer."""
+    if config.method != "bipo":
+        return extract(
+            lm, train, list(config.layers), method=config.method, progress=progress, chat=chat
+        )
+    from steerlab.hf.bipo import BipoConfig, train_bipo
+
+    trained = [
+        train_bipo(lm, train, layer, BipoConfig(seed=config.seed), chat=chat, progress=progress)
+        for layer in config.layers
+    ]
+    first = trained[0].vector
+    return SteeringVector(
+        directions={
+            layer: t.vector.directions[layer]
+            for layer, t in zip(config.layers, trained, strict=True)
+        },
+        model=first.model,
+        method="bipo",
+        read_position="trained",
+        residual_norms={k: v for t in trained for k, v in t.vector.residual_norms.items()},
+        dataset=first.dataset,
+        notes={**dict(first.notes), "final_loss": [t.losses[-1] for t in trained]},
+    )
+
+
 def vector_file(out_dir: Path, context: str) -> Path:
     """Where a sweep keeps the vector of an extraction context."""
     return out_dir / (
@@ -245,10 +275,7 @@ def run_sweep(
         if path.exists() and not fresh:
             vectors[context] = load_vector(path)
         else:
-            vectors[context] = extract(
-                lm, train, list(config.layers), method=config.method, progress=progress,
-                chat=context == "chat",
-            )  # fmt: skip
+            vectors[context] = make_vector(lm, train, config, context == "chat", progress)
             save_vector(vectors[context], path)
     ab = dataset.format in ("ab", "yesno")
     if ab:
