@@ -140,6 +140,24 @@ def main() -> None:
                 f"| {row['batch']} | {row['layers']} | {row['hook_ms_per_token']:.3f} | {100 * row['fraction']:.2f}% |"
             )
         lines.append("")
+    sw = ROOT / "bench" / "results" / "sweep.json"
+    if sw.exists():
+        d = json.loads(sw.read_text())
+        lines += [
+            "## Sweep cells: one batch per layer vs one by one (`bench/sweep_bench.py`)",
+            "",
+            f"{d['cells']} cells of one layer (the unsteered baseline included), {d['prompts']} prompts, "
+            f"{d['tokens']} greedy tokens, the VADER judge, same run.",
+            "",
+            "| path | seconds | speed-up |",
+            "|---|---|---|",
+            f"| one cell at a time | {d['loop_s']:.1f} | 1.00 |",
+            f"| one batch of all cells | {d['batched_s']:.1f} | {d['speedup']:.2f} |",
+            "",
+            f"Largest difference in a cell's behaviour score: {d['max_behaviour_difference']:.1e}; "
+            f"first completions identical: {d['same_first_texts']}.",
+            "",
+        ]
     vl = ROOT / "bench" / "results" / "vllm.json"
     if vl.exists():
         data = json.loads(vl.read_text())
@@ -151,15 +169,17 @@ def main() -> None:
             f"{data['tokens']} greedy tokens per request, best of {data.get('rounds', 3)} interleaved rounds (vLLM) and of 3 (HF engine), same machine and run. "
             "tokens/s (higher is better).",
             "",
-            "| batch | run | vLLM | vs vLLM unsteered | steerlab HF engine | vLLM / HF |",
-            "|---|---|---|---|---|---|",
+            "| batch | run | vLLM | vs vLLM unsteered | time in steerlab's plugin | steerlab HF engine | vLLM / HF |",
+            "|---|---|---|---|---|---|---|",
         ]
         for batch, row in data["vllm"].items():
             base = row["unsteered"]
+            shares = data.get("plugin_share", {}).get(batch, {})
             for name, value in row.items():
                 hf = data["hf"][batch][name]
+                share = f"{100 * shares[name]:.2f}%" if name in shares else "-"
                 lines.append(
-                    f"| {batch} | {name} | {value:.1f} | {value / base:.3f} | {hf:.1f} | {value / hf:.2f} |"
+                    f"| {batch} | {name} | {value:.1f} | {value / base:.3f} | {share} | {hf:.1f} | {value / hf:.2f} |"
                 )
         lines += [
             "",

@@ -21,6 +21,7 @@ if [ ! -d ../shared/datasets ]; then
 fi
 "$VENV/bin/python" bench/bench.py
 "$VENV/bin/python" bench/overhead.py
+"$VENV/bin/python" bench/sweep_bench.py
 # vLLM beside the HF engine: its own venv, built by the Makefile like the test one.
 make --no-print-directory .venv-vllm/.steerlab-installed
 .venv-vllm/bin/python bench/vllm_bench.py

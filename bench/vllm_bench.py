@@ -117,6 +117,10 @@ def main() -> None:
             )
         results["vllm"][str(batch)] = row_v
         results["hf"][str(batch)] = row_h
+        results.setdefault("plugin_share", {})[str(batch)] = {
+            name: _plugin_share(llm, prompts, params[name]) for name in names
+        }
+        print("share of time in the plugin:", results["plugin_share"][str(batch)], flush=True)
     import transformers
     import vllm
 
@@ -129,6 +133,35 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "vllm.json").write_text(json.dumps(results, indent=2))
     print("wrote", out / "vllm.json")
+
+
+def _plugin_share(llm: Any, prompts: Any, params: Any) -> float:
+    """The share of one generate call spent in steerlab's plugin code (building each step's
+    plan and the per-layer hooks), which machine drift does not blur as it blurs tokens/s."""
+    from steerlab.vllm import plugin
+
+    spent = [0.0]
+
+    def timed(fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        return wrapper
+
+    of, hook = plugin._Step.of, plugin._Step._hook
+    plugin._Step.of = classmethod(timed(of.__func__))  # type: ignore[method-assign]
+    plugin._Step._hook = lambda self, layer: timed(hook(self, layer))  # type: ignore[method-assign]
+    try:
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        total = time.perf_counter() - start
+    finally:
+        plugin._Step.of, plugin._Step._hook = of, hook  # type: ignore[method-assign]
+    return spent[0] / total
 
 
 if __name__ == "__main__":
