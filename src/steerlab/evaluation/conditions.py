@@ -25,7 +25,8 @@ from steerlab.hf.model import LoadedModel
 
 @dataclass(frozen=True)
 class ConditionFit:
-    """The fitted condition and its accuracy on the labelled prompts it was fitted on."""
+    """The fitted condition, its accuracy on the labelled prompts it was fitted on, and the
+    AUC of their scores in the condition's direction (1: perfectly separated)."""
 
     condition: Condition
     accuracy: float
@@ -103,10 +104,11 @@ def fit_condition(
     pos = [s for s, (_, h) in zip(scores, examples, strict=True) if h]
     neg = [s for s, (_, h) in zip(scores, examples, strict=True) if not h]
     threshold, above, accuracy = best_threshold(pos, neg)
+    separation = auc(pos, neg) if above else auc(neg, pos)  # in the condition's direction
     return ConditionFit(
         Condition(vector, layer, threshold, above, reduce),
         accuracy,
-        auc(pos, neg),
+        separation,
         tuple(pos),
         tuple(neg),
     )
