@@ -244,3 +244,10 @@ def test_sampled_completions_per_prompt_are_averaged(lm, pairs_file, tmp_path):
     result = run_sweep(lm, data, config, tmp_path / "k", judge=JUDGE)
     for row in result["rows"]:
         assert len(row["items"]) == 3 and row["n_test"] == 3
+
+
+def test_neighbours_are_adjacent_in_the_whole_grid():
+    same = [0.9, 0.1] * 6
+    rows = _rows({0.0: [0.5] * 12, -4.0: same, 4.0: same[::-1]})
+    best = recommend(rows, SweepConfig(layers=(1,), multipliers=(0.0,)))
+    assert best["ties"] == []  # -4 is two steps from 4: the baseline lies between them

@@ -118,19 +118,24 @@ def recommend(
             "shift_hi": rep_shift.hi,
             "fluency": _fluency(best, rep),
             "baseline_fluency": _fluency(base, rep),
-            "ties": _ties(best, ok, sel, seed, config),
+            "ties": _ties(best, ok, rows, sel, seed, config),
         }
     )
     return out
 
 
 def _ties(
-    best: dict[str, Any], ok: Sequence[dict[str, Any]], sel: list[int], seed: int, config: Any
+    best: dict[str, Any],
+    ok: Sequence[dict[str, Any]],
+    rows: Sequence[dict[str, Any]],
+    sel: list[int],
+    seed: int,
+    config: Any,
 ) -> list[str]:
-    """Neighbouring cells (adjacent multiplier or layer, same policy and context) that the
-    selection half cannot tell apart from ``best``."""
-    layers = sorted({r["layer"] for r in ok} | {best["layer"]})
-    mults = sorted({r["multiplier"] for r in ok} | {best["multiplier"]})
+    """Neighbouring cells (adjacent multiplier or layer of the sweep's grid, same policy and
+    context) within the fluency bound that the selection half cannot tell apart from ``best``."""
+    layers = sorted({r["layer"] for r in rows})
+    mults = sorted({r["multiplier"] for r in rows})  # 0 included: -4 and 4 are not neighbours
     out = []
     for r in ok:
         if r is best or (r["policy"], r.get("context")) != (best["policy"], best.get("context")):
