@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -45,6 +46,37 @@ def planted_vector(lm, layer: int) -> SteeringVector:
     a, b = tok.convert_tokens_to_ids("A"), tok.convert_tokens_to_ids("B")
     w = lm.model.get_output_embeddings().weight.detach()
     return SteeringVector({layer: (w[a] - w[b]).float()}, lm.identity, method="planted")
+
+
+@contextmanager
+def chat_stub(reply):
+    """A local OpenAI-compatible chat endpoint answering ``reply(prompt)``; yields its base
+    URL and the prompts it saw."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            answer = reply(body["messages"][0]["content"])
+            payload = json.dumps(
+                {"choices": [{"message": {"role": "assistant", "content": answer}}]}
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", seen
+    finally:
+        server.shutdown()
 
 
 def test_ab_probability_rises_on_a_planted_model(ab_file):
@@ -109,36 +141,11 @@ def test_judges_and_distinct_n():
 
 
 def test_llm_judge_against_a_local_stub_server():
-    seen = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append(body)
-            text = body["messages"][0]["content"]
-            reply = "8" if "happy" in text else "Score: 2"
-            payload = json.dumps(
-                {"choices": [{"message": {"role": "assistant", "content": reply}}]}
-            ).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        judge = llm(f"http://127.0.0.1:{server.server_port}/v1", "stub", "happiness")
+    with chat_stub(lambda text: "8" if "happy" in text else "Score: 2") as (base, seen):
+        judge = llm(f"{base}/v1", "stub", "happiness")
         assert judge(["so happy", "meh"]) == [0.8, 0.2]
         assert seen[0]["model"] == "stub" and "happiness" in seen[0]["messages"][0]["content"]
-    finally:
-        server.shutdown()
-    dead = llm(f"http://127.0.0.1:{server.server_port}", "stub", "x", timeout=2)
+    dead = llm(base, "stub", "x", timeout=2)
     with pytest.raises(SteerlabError, match="the LLM judge"):
         dead(["x"])
 
@@ -284,34 +291,15 @@ def test_real_model_sentiment_vector_changes_greedy_output():
 def test_axbench_judge_rates_three_ways_and_takes_the_harmonic_mean():
     from steerlab.evaluation.judges import AXBENCH_TEMPLATES, axbench, harmonic
 
-    seen = []
+    def reply(text):
+        if "express the concept" in text:
+            return "2" if "ocean" in text.split("Response:")[1] else "0"
+        return "Rating: 1" if "relevant to the instruction" in text else "2"
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            text = body["messages"][0]["content"]
-            seen.append(text)
-            if "express the concept" in text:
-                reply = "2" if "ocean" in text.split("Response:")[1] else "0"
-            elif "relevant to the instruction" in text:
-                reply = "Rating: 1"
-            else:
-                reply = "2"
-            payload = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        judge = axbench(f"http://127.0.0.1:{server.server_port}/v1", "stub", "the ocean")
+    with chat_stub(reply) as (base, bodies):
+        judge = axbench(f"{base}/v1", "stub", "the ocean")
         scores = judge(["the ocean is wide", "cats sleep"], ["Tell me a fact.", "Hi"])
+        seen = [b["messages"][0]["content"] for b in bodies]
         assert scores == [pytest.approx(3 / (1 / 2 + 1 / 1 + 1 / 2)), 0.0]
         assert len(seen) == 6 and all("the ocean" in t for t in seen[::3])
         assert "Tell me a fact." in seen[1]  # the instruction rating sees the prompt
@@ -319,11 +307,10 @@ def test_axbench_judge_rates_three_ways_and_takes_the_harmonic_mean():
         with pytest.raises(SteerlabError, match="needs each completion's prompt"):
             judge(["x"])
         # in a sweep, the judge gets each row's prompt
-        lm = tiny.model("llama")
         from steerlab.evaluation.metrics import judged_rows
 
+        lm = tiny.model("llama")
         rows = judged_rows(lm, ["a", "b"], [[], []], judge, Sampling(max_new_tokens=3))
-        assert len(rows.scores) == 2 and seen[-2].count("Instruction:\nb") == 1
-    finally:
-        server.shutdown()
+        last = bodies[-2]["messages"][0]["content"]
+        assert len(rows.scores) == 2 and last.count("Instruction:\nb") == 1
     assert harmonic([2.0, 2.0, 2.0]) == 2.0 and harmonic([2.0, 0.0, 1.0]) == 0.0

@@ -27,6 +27,11 @@ ModelOpt = typer.Option(
 )
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto (device_map=auto).")
 DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto.")
+AllowMismatchOpt = typer.Option(
+    False,
+    "--allow-model-mismatch",
+    help="Use a vector made on another model of the same shape.",
+)
 LayersPathOpt = typer.Option(
     None, "--layers-path", help="Dotted path of the decoder blocks, e.g. model.layers."
 )

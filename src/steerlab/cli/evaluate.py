@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from steerlab.cli.common import (
+    AllowMismatchOpt,
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
@@ -185,7 +186,7 @@ def compare_policies_cmd(
     actadd_rows: int = typer.Option(4, "--actadd-rows", help="Front positions steered by actadd."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
     out_dir: Path = typer.Option(Path("steerlab-out/policies"), "--out", "-o"),
-    allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch"),
+    allow_model_mismatch: bool = AllowMismatchOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
 ) -> None:

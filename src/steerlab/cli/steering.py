@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from steerlab.cli.common import (
+    AllowMismatchOpt,
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
@@ -77,11 +78,7 @@ def generate(
     seed: int = typer.Option(0, "--seed"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Render through the chat template."),
     system: str | None = typer.Option(None, "--system", help="System prompt."),
-    allow_model_mismatch: bool = typer.Option(
-        False,
-        "--allow-model-mismatch",
-        help="Apply a vector made on another model of the same shape.",
-    ),
+    allow_model_mismatch: bool = AllowMismatchOpt,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
@@ -243,7 +240,7 @@ def serve(
     timeout: float = typer.Option(
         300.0, "--request-timeout", help="Seconds a request may take, queueing included (504)."
     ),
-    allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch"),
+    allow_model_mismatch: bool = AllowMismatchOpt,
     engine: str = typer.Option(
         "hf", "--engine", help="hf (Hugging Face) or vllm (continuous batching, eager)."
     ),

@@ -7,7 +7,17 @@ from pathlib import Path
 
 import typer
 
-from steerlab.cli.common import DeviceOpt, DtypeOpt, ModelOpt, app, err, load, out, warn
+from steerlab.cli.common import (
+    AllowMismatchOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    app,
+    err,
+    load,
+    out,
+    warn,
+)
 from steerlab.core.errors import SteerlabError
 from steerlab.formats.atomic import atomic_write_bytes, check_output
 
@@ -37,11 +47,7 @@ def inspect(
     chat: bool = typer.Option(
         False, "--chat/--no-chat", help="Render TEXT as a user turn of the chat template."
     ),
-    allow_model_mismatch: bool = typer.Option(
-        False,
-        "--allow-model-mismatch",
-        help="Use a vector made on another model of the same shape.",
-    ),
+    allow_model_mismatch: bool = AllowMismatchOpt,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
