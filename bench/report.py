@@ -169,8 +169,8 @@ def main() -> None:
             f"{data['tokens']} greedy tokens per request, best of {data.get('rounds', 3)} interleaved rounds (vLLM) and of 3 (HF engine), same machine and run. "
             "tokens/s (higher is better).",
             "",
-            "| batch | run | vLLM | vs vLLM unsteered | time in steerlab's plugin | steerlab HF engine | vLLM / HF |",
-            "|---|---|---|---|---|---|---|",
+            "| batch | run | vLLM | vs vLLM unsteered (best rounds) | paired median | time in steerlab's plugin | steerlab HF engine | vLLM / HF |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for batch, row in data["vllm"].items():
             base = row["unsteered"]
@@ -178,8 +178,10 @@ def main() -> None:
             for name, value in row.items():
                 hf = data["hf"][batch][name]
                 share = f"{100 * shares[name]:.2f}%" if name in shares else "-"
+                pair = data.get("paired", {}).get(batch, {}).get(name)
+                paired = "-" if pair is None else f"{pair:.3f}"
                 lines.append(
-                    f"| {batch} | {name} | {value:.1f} | {value / base:.3f} | {share} | {hf:.1f} | {value / hf:.2f} |"
+                    f"| {batch} | {name} | {value:.1f} | {value / base:.3f} | {paired} | {share} | {hf:.1f} | {value / hf:.2f} |"
                 )
         lines += [
             "",

@@ -2,13 +2,16 @@
 
 Run by `make bench` in .venv-vllm (it has vLLM, transformers 5.19 and steerlab). Default
 model, fp32, greedy, fixed length; unsteered vs steered (one layer; all layers), batch 1, 8
-and 32, in interleaved rounds (best of each). Writes bench/results/vllm.json, which bench/report.py adds to BENCHMARKS.md.
+and 32, in interleaved rounds (the best round of each, and the median over rounds of the
+unsteered/steered time ratio within a round). Writes bench/results/vllm.json, which
+bench/report.py adds to BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKENS = int(os.environ.get("BENCH_VLLM_TOKENS", "32"))
 BATCHES = (1, 8, 32)
 LAYER = 10
-ROUNDS = int(os.environ.get("BENCH_VLLM_ROUNDS", "5"))
+ROUNDS = int(os.environ.get("BENCH_VLLM_ROUNDS", "9"))
 HF_ROUNDS = 3
 
 
@@ -80,12 +83,21 @@ def main() -> None:
         # Interleaved rounds (each round runs every variant, in a rotating order), so that
         # the machine's drift over a run hits all variants alike; best round per variant.
         best_v = dict.fromkeys(variants, float("inf"))
+        rounds: dict[str, list[float]] = {name: [] for name in variants}
         names = list(variants)
         for r in range(ROUNDS):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 start = time.perf_counter()
                 llm.generate(prompts, params[name], use_tqdm=False)
-                best_v[name] = min(best_v[name], time.perf_counter() - start)
+                rounds[name].append(time.perf_counter() - start)
+                best_v[name] = min(best_v[name], rounds[name][-1])
+        # the median over rounds of (unsteered time / steered time) in the same round
+        results.setdefault("paired", {})[str(batch)] = {
+            name: statistics.median(
+                u / x for u, x in zip(rounds["unsteered"], rounds[name], strict=True)
+            )
+            for name in names
+        }
         # steerlab's Hugging Face engine on the same prompts and steering, interleaved too
         steers = {
             name: []
@@ -112,7 +124,8 @@ def main() -> None:
         for name in variants:
             print(
                 f"batch {batch} {name}: vLLM {row_v[name]:.1f} tok/s "
-                f"({row_v[name] / row_v['unsteered']:.3f}), HF {row_h[name]:.1f} tok/s",
+                f"({row_v[name] / row_v['unsteered']:.3f}, paired median "
+                f"{results['paired'][str(batch)][name]:.3f}), HF {row_h[name]:.1f} tok/s",
                 flush=True,
             )
         results["vllm"][str(batch)] = row_v
