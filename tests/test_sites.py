@@ -122,3 +122,16 @@ def test_unknown_sites_and_block_only_formats_are_refused(llama, tmp_path):
     assert not (tmp_path / "v.gguf").exists()
     with pytest.raises(SteerlabError, match="site must be one of"):
         extract(lm, Dataset("pairs", pairs=pairs), [1], site="ffn")
+
+
+def test_a_condition_is_read_at_its_vectors_site(llama):
+    from steerlab import Condition
+    from steerlab.hf.conditions import prompt_scores
+
+    lm = llama
+    pairs = tuple(Pair(None, f"good {i}", f"bad bad {i}", i) for i in range(4))
+    vec = extract(lm, Dataset("pairs", pairs=pairs), [2], site="mlp", chat=False)
+    cond = Condition(vec, 2, 0.0)
+    seq = prompt_ids(lm)[1]
+    want = float((_site_output(lm, "mlp", 2, seq) @ cond.unit()).mean())
+    assert prompt_scores(lm.model, lm.layers, [seq], cond)[0] == pytest.approx(want, abs=1e-5)

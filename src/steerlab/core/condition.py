@@ -60,14 +60,11 @@ class Condition:
             raise SteerlabError(
                 "a condition needs one direction per layer, not a position-wise vector"
             )
-        norm = float(self.vector.directions[self.layer].norm())
-        if not (math.isfinite(norm) and norm > 0.0):
-            raise SteerlabError(f"the condition vector is zero at layer {self.layer}")
+        self.vector.unit(self.layer)  # refuses a zero direction
 
     def unit(self) -> torch.Tensor:
         """The float32 unit direction at the condition's layer."""
-        v = self.vector.directions[self.layer].float()
-        return v / v.norm()
+        return self.vector.unit(self.layer)
 
     def span(self, prompt_len: int) -> tuple[int, int]:
         """The prompt positions ``start..end-1`` whose projections are averaged."""

@@ -128,11 +128,6 @@ class SteeringPlan:
         """Every layer some steering acts at (any site), ascending."""
         return sorted({layer for layer, _ in self.points})
 
-    @property
-    def sites(self) -> set[str]:
-        """The sites the steerings act at."""
-        return {site for _, site in self.points}
-
     def reads_hidden(self, where: int | Point) -> bool:
         """Whether the change at a point depends on the hidden state (ablate, clamp)."""
         return _point(where) in self._proj
@@ -145,14 +140,6 @@ class SteeringPlan:
     def transient(self) -> bool:
         """Whether some steering steers only the newest token (two passes per token)."""
         return any(not s.policy.persisting for s in self.apps)
-
-    @property
-    def lowest_transient_layer(self) -> int:
-        """The lowest layer a newest-only (transient) steering acts at."""
-        layers = [layer for s in self.apps if not s.policy.persisting for layer in s.steered_layers]
-        if not layers:
-            raise SteerlabError("no transient steering in this plan")
-        return min(layers)
 
     @property
     def unchanged_blocks(self) -> int:

@@ -81,16 +81,13 @@ class Steering:
         if self.condition is not None:
             if not isinstance(self.condition, Condition):
                 raise SteerlabError("condition must be a steerlab Condition")
-            mine, theirs = self.vector.model, self.condition.vector.model
-            if (mine.hidden_size, mine.num_layers) != (theirs.hidden_size, theirs.num_layers) or (
-                mine.fingerprint and theirs.fingerprint and mine.fingerprint != theirs.fingerprint
-            ):
+            try:  # the vector's own model check, against the steering vector's model
+                self.condition.vector.check_model(self.vector.model)
+            except SteerlabError as exc:
                 raise SteerlabError(
-                    f"the condition vector was made on {theirs.name} "
-                    f"(d={theirs.hidden_size}, {theirs.num_layers} layers), the steering vector "
-                    f"on {mine.name} (d={mine.hidden_size}, {mine.num_layers} layers): use a "
-                    "condition vector from the same model"
-                )
+                    f"the condition vector was made on another model than the steering "
+                    f"vector ({exc})"
+                ) from None
         if (self.policy.kind == "actadd") != self.vector.positionwise:
             raise SteerlabError(
                 "policy actadd needs a position-wise (k x d) vector from `steerlab extract "
@@ -163,8 +160,7 @@ class Steering:
 
     def unit(self, layer: int) -> torch.Tensor:
         """The float32 unit direction ``u = v/|v|`` at ``layer``."""
-        v = self.vector.directions[layer].float()
-        return v / v.norm()
+        return self.vector.unit(layer)
 
     @property
     def steered_layers(self) -> tuple[int, ...]:

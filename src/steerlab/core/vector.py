@@ -138,13 +138,19 @@ class SteeringVector:
     @property
     def site(self) -> Site:
         """The site its layer convention names (``block``, ``attn`` or ``mlp``)."""
-        for site, convention in SITE_CONVENTIONS.items():
-            if convention == self.layer_convention:
-                return site  # type: ignore[return-value]
-        raise SteerlabError(
-            f"unknown layer convention {self.layer_convention!r}: this steerlab reads "
-            f"{', '.join(SITE_CONVENTIONS.values())}"
-        )
+        return next(s for s in SITES if SITE_CONVENTIONS[s] == self.layer_convention)
+
+    def unit(self, layer: int) -> torch.Tensor:
+        """The float32 unit direction at ``layer`` (flattened for a position-wise vector).
+
+        Raises:
+            SteerlabError: the vector is zero there.
+        """
+        direction = self.directions[layer].float().reshape(-1)
+        norm = float(direction.norm())
+        if norm == 0.0:
+            raise SteerlabError(f"the vector is zero at layer {layer}: it has no direction")
+        return direction / norm
 
     @property
     def positionwise(self) -> bool:

@@ -75,14 +75,6 @@ def check_layer(vector: SteeringVector, layer: int) -> None:
         )
 
 
-def _unit(vector: SteeringVector, layer: int) -> torch.Tensor:
-    direction = vector.directions[layer].float().reshape(-1)
-    norm = float(direction.norm())
-    if norm == 0.0:
-        raise SteerlabError(f"the vector is zero at layer {layer}: nothing to project onto")
-    return direction / norm
-
-
 def token_pieces(
     tokenizer: object, ids: Sequence[int], *, skip_special_tokens: bool = False
 ) -> list[str]:
@@ -129,7 +121,7 @@ def token_projections(
             f"the text is {len(ids)} tokens, over the model's context of {lm.context_length}: "
             "shorten it"
         )
-    unit = _unit(vector, layer)
+    unit = vector.unit(layer)
     device = input_device(lm.model)
     out = lm.model(
         input_ids=torch.tensor([ids], device=device),
@@ -184,7 +176,7 @@ def contrast(
     items, used = build_items(lm, dataset, read_position, chat=chat)
     if not any(it.positive for it in items) or all(it.positive for it in items):
         raise SteerlabError(f"{dataset.info.path}: needs both positive and negative examples")
-    unit = _unit(vector, layer)
+    unit = vector.unit(layer)
     scores = [0.0] * len(items)
     pad = lm.tokenizer.pad_token_id or 0
     for index, reads in read_activations(

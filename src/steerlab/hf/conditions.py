@@ -32,7 +32,8 @@ def prompt_scores(
     batch_size: int = 16,
 ) -> list[float]:
     """The condition's score of each prompt (token ids): the projection of its unsteered
-    block-``layer`` output onto the unit direction, averaged as ``condition.reduce`` says."""
+    ``layer`` activation (at the condition vector's site) onto the unit direction, averaged
+    as ``condition.reduce`` says."""
     if condition.layer >= layer_map.num_layers:
         raise SteerlabError(
             f"condition layer {condition.layer} does not exist: the model has layers "
@@ -48,7 +49,13 @@ def prompt_scores(
     unit = condition.unit()
     scores = [0.0] * len(items)
     for index, reads in read_activations(
-        model, layer_map, items, [condition.layer], batch_size=batch_size, pad_id=pad_id
+        model,
+        layer_map,
+        items,
+        [condition.layer],
+        batch_size=batch_size,
+        pad_id=pad_id,
+        site=condition.vector.site,  # read where the condition vector was read
     ):
         if reads.shape[-1] != d:
             raise SteerlabError(
