@@ -17,7 +17,7 @@ from helpers import (
 from steerlab import Sampling, Steering, decode
 from steerlab.core.policy import Policy
 from steerlab.core.prompts import pad_batch
-from steerlab.hf.reference import reference_generate
+from steerlab.hf.reference import reference_generate, reference_logits
 
 GREEDY = Sampling(max_new_tokens=STEPS, stop_at_eos=False)
 
@@ -180,3 +180,65 @@ def test_transient_shares_the_blocks_below_its_layer(arch):
     torch.testing.assert_close(shared.logits, plain.logits, atol=1e-5, rtol=0)
     # block 0 (below layer 2) computes once per token, block 3 (above it) twice per step
     assert calls[0] <= STEPS + 2 and calls[3] >= 2 * (STEPS - 1), calls
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_shared_prompts_and_shadow_equal_the_reference(arch_model, policy):
+    """share_prompts (each distinct prompt prefilled once) and the chunked unsteered shadow:
+    tokens, logits, KL and unsteered log-probabilities equal the plain reference, with rows
+    that share a prompt, unsteered rows, and rows that stop early (EOS) while others go on."""
+    lm = arch_model
+    seqs = prompt_ids(lm)
+    rows_seqs = [seqs[0], seqs[1], seqs[0], seqs[2], seqs[1], seqs[0]]
+    s = make_steering(lm, policy)
+    rows = [[s], [s], [], [s.with_multiplier(-3.0)], [], [s.with_multiplier(2.0)]]
+    ids, mask = pad_batch(rows_seqs, lm.tokenizer.pad_token_id)
+    first = decode(lm.model, ids, mask, rows, GREEDY, layer_map=lm.layers, tokenizer=lm.tokenizer)
+    row0 = first.tokens[0].tolist()
+    stop = next((k for k in range(2, STEPS) if row0[k] not in row0[:k]), 0)
+    eos = row0[stop]  # row 0 stops after stop + 1 tokens, others whenever they meet it
+    stopping = Sampling(max_new_tokens=STEPS, stop_at_eos=True)
+    out = decode(
+        lm.model, ids, mask, rows, stopping, layer_map=lm.layers, tokenizer=lm.tokenizer,
+        eos_token_id=eos, return_logits=True, track_unsteered=True, share_prompts=True,
+    )  # fmt: skip
+    assert out.kl is not None and out.unsteered_logprobs is not None
+    assert out.lengths[0] == stop + 1 and len(set(out.lengths)) > 1
+    for r, seq in enumerate(rows_seqs):
+        n = out.lengths[r]
+        ref_tokens, ref_logits = reference_generate(
+            lm.model, seq, rows[r], STEPS, lm.layers, lm.tokenizer
+        )
+        assert out.tokens[r, :n].tolist() == ref_tokens[:n]
+        torch.testing.assert_close(out.logits[r, :n], ref_logits[:n], atol=1e-4, rtol=0)
+        full = seq + ref_tokens[: n - 1]
+        plain = reference_logits(lm.model, full, len(seq), [], lm.layers)[len(seq) - 1 :]
+        logq = torch.log_softmax(plain.float(), -1)
+        logp = torch.log_softmax(ref_logits[:n].float(), -1)
+        picked = torch.tensor(ref_tokens[:n])[:, None]
+        torch.testing.assert_close(
+            out.unsteered_logprobs[r, :n], logq.gather(-1, picked).squeeze(-1), atol=1e-4, rtol=0
+        )
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        torch.testing.assert_close(out.kl[r, :n], kl, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("policy", "shared"), [("after-prompt", True), ("all", False)])
+def test_shared_prompts_prefill_each_distinct_prompt_once(llama, policy, shared):
+    lm = llama
+    seqs = prompt_ids(lm)
+    rows_seqs = [q for _ in range(4) for q in seqs]
+    s = make_steering(lm, policy)
+    ids, mask = pad_batch(rows_seqs, lm.tokenizer.pad_token_id)
+    shapes: list[tuple[int, ...]] = []
+    handle = lm.layers.base.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    try:
+        decode(lm.model, ids, mask, [s], GREEDY, layer_map=lm.layers, share_prompts=True)
+    finally:
+        handle.remove()
+    width = ids.shape[1]
+    assert shapes[0] == ((len(seqs), width - 1) if shared else (len(rows_seqs), width))
+    assert shapes[1] == ((len(rows_seqs), 1) if shared else (len(rows_seqs), 1))

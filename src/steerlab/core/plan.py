@@ -47,6 +47,12 @@ class Bounds:
     def rows(self) -> int:
         return int(self.lo.shape[0])
 
+    def untouched_before(self, first: Sequence[int]) -> bool:
+        """Whether no steering touches any row's positions before ``first[row]``."""
+        if self.lo.numel() == 0:
+            return True
+        return bool((self.lo >= torch.tensor(list(first), dtype=torch.long)[:, None]).all())
+
 
 class SteeringPlan:
     """The steerings of one call, arranged for the per-token math.

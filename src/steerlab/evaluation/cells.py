@@ -1,6 +1,7 @@
-"""Scoring sweep cells together: the cells of one layer and context (every multiplier and
-policy, and the unsteered baseline) run as one padded batch with per-row steering, and give
-the same numbers as each cell alone (tested in tests/test_sweep.py)."""
+"""Scoring sweep cells together: cells (any layer, multiplier and policy, and the unsteered
+baseline) run in padded batches with per-row steering, every prompt's prefill shared by the
+cells whose policy leaves it unsteered, and give the same numbers as each cell alone (tested
+in tests/test_sweep.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from steerlab.evaluation.metrics import (
     NEUTRAL_TEXT,
     JudgedRows,
     behaviour_probability_cells,
+    distinct_n,
     generation_score,
     judged_rows,
     text_perplexity,
@@ -31,6 +33,11 @@ Cell = tuple[int, float, str, str]  # layer, multiplier, policy, context
 def cell_keys(cell: Cell) -> dict[str, Any]:
     layer, mult, policy, context = cell
     return {"layer": layer, "multiplier": mult, "policy": policy, "context": context}
+
+
+def cells_per_batch(config: SweepConfig, prompts: int) -> int:
+    """How many free-text cells run in one padded batch (every prompt and sample of each)."""
+    return max(1, config.batch_rows // (prompts * config.samples))
 
 
 def score_cells(
@@ -77,7 +84,7 @@ def score_cells(
         )
     )
     width = len(prompts) * k
-    per_batch = max(1, config.batch_rows // width)
+    per_batch = cells_per_batch(config, len(prompts))
     for first in range(0, len(cells), per_batch):
         group = list(range(first, min(first + per_batch, len(cells))))
         rows_prompts = [p for _ in group for p in prompts for _ in range(k)]
@@ -104,6 +111,10 @@ def score_cells(
                 "item_nll": [sum(cell_rows.nll[i * k : (i + 1) * k]) for i in range(len(prompts))],
                 "item_tokens": [
                     sum(cell_rows.tokens[i * k : (i + 1) * k]) for i in range(len(prompts))
+                ],
+                "item_kl": [sum(cell_rows.kl[i * k : (i + 1) * k]) for i in range(len(prompts))],
+                "item_distinct2": [
+                    distinct_n(cell_rows.texts[i * k : (i + 1) * k], 2) for i in range(len(prompts))
                 ],
             }
     return out

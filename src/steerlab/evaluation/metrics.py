@@ -198,11 +198,16 @@ def judged_rows(
     chat: bool = True,
     system: str | None = None,
 ) -> JudgedRows:
-    """Generate one row per prompt, each with its own steering, in one batch, and judge it."""
+    """Generate one row per prompt, each with its own steering, in one batch, and judge it.
+
+    Rows share their prompts' prefill where the steering allows (``share_prompts`` of
+    :func:`steerlab.hf.decoding.decode`), so a cell alone and many cells in one batch run
+    the same arithmetic.
+    """
     sampling = sampling or Sampling(max_new_tokens=32)
     texts, out = generate(
         lm, prompts, [list(s) for s in steering], sampling, chat=chat, system=system,
-        track_unsteered=True,
+        track_unsteered=True, share_prompts=True,
     )  # fmt: skip
     assert out.kl is not None and out.unsteered_logprobs is not None
     nll = tuple(-float(out.unsteered_logprobs[r, :n].sum()) for r, n in enumerate(out.lengths))

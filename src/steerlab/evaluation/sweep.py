@@ -16,7 +16,7 @@ from steerlab.core.dataset import Dataset
 from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import Policy
 from steerlab.core.vector import SteeringVector
-from steerlab.evaluation.cells import Cell, add_shifts, cell_keys, score_cells
+from steerlab.evaluation.cells import Cell, add_shifts, cell_keys, cells_per_batch, score_cells
 from steerlab.evaluation.judges import Judge
 from steerlab.evaluation.sweep_report import recommend, write_sweep_report
 from steerlab.formats import load_vector, save_vector
@@ -124,11 +124,18 @@ class SweepConfig:
             raise SteerlabError("--target must be a finite number")
         if self.samples < 1:
             raise SteerlabError(f"--samples must be at least 1, got {self.samples}")
+        if self.batch_rows < 1:
+            raise SteerlabError(f"--batch-rows must be at least 1, got {self.batch_rows}")
         if self.samples > 1 and not self.temperature > 0:
             raise SteerlabError("--samples above 1 needs a --temperature above 0")
 
     def manifest(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
+        """What the results depend on (``batch_rows`` changes no number, so it is left out)."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in vars(self).items()
+            if k != "batch_rows"
+        }
 
 
 def parse_floats(text: str) -> tuple[float, ...]:
@@ -143,7 +150,7 @@ def parse_floats(text: str) -> tuple[float, ...]:
 
 
 class Results:
-    """Rows appended to ``results.jsonl`` one by one, so Ctrl-C loses at most one cell."""
+    """Rows appended to ``results.jsonl`` batch by batch, so Ctrl-C loses one batch at most."""
 
     def __init__(self, out_dir: Path, manifest: dict[str, Any], fresh: bool = False) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +200,14 @@ def write_table(rows: Sequence[dict[str, Any]], out_dir: Path, stem: str) -> Non
     (out_dir / f"{stem}.json").write_text(json.dumps(plain, indent=2, sort_keys=True))
 
 
-LISTS = ("texts", "items", "item_nll", "item_tokens")  # per-item data, kept in results.jsonl
+LISTS = (
+    "texts",
+    "items",
+    "item_nll",
+    "item_tokens",
+    "item_kl",
+    "item_distinct2",
+)  # per-item data, kept in results.jsonl
 
 
 def neutral_prompts() -> tuple[str, ...]:
@@ -257,8 +271,9 @@ def run_sweep(
     A/B and Yes/No datasets are scored by behaviour probability on held-out items, with
     the steered model's perplexity on a neutral text as fluency. Other datasets are scored
     by ``judge`` on completions of the prompts, with their perplexity under the unsteered
-    model as fluency. The cells of one layer and context (every multiplier and policy, and
-    the unsteered baseline) run as one padded batch with per-row steering.
+    model as fluency. The cells of a context (every layer, multiplier and policy, and the
+    unsteered baseline) run together in padded batches of up to ``batch_rows`` rows with
+    per-row steering, sharing each prompt's prefill (:func:`score_cells`).
 
     Writes ``results.jsonl`` (incrementally, per-item scores included),
     ``results.csv``/``.json``, three PNG plots, the vectors and ``report.md``; rerunning
@@ -286,29 +301,44 @@ def run_sweep(
         )
     prompts = list(config.prompts) or list(neutral_prompts())
     base = next((r for r in results.rows if r["multiplier"] == 0), None)
+
+    def save(row: dict[str, Any]) -> None:
+        results.add(row)
+        if on_row is not None:
+            on_row(row)
+
     for context in config.contexts:
-        for layer in config.layers:
-            todo: list[Cell] = [
-                (layer, float(m), str(Policy.parse(p)), context)
-                for p in config.policies
-                for m in config.multipliers
-                if (layer, float(m), str(Policy.parse(p)), context) not in results.done
-            ]
-            if not todo:
-                continue
-            fresh_cells = [c for c in todo if c[1] != 0]
-            if base is None:  # the unsteered baseline runs in the first batch
-                fresh_cells.append((layer, 0.0, todo[0][2], context))
+        todo: list[Cell] = [  # by policy first: cells that share prompt prefills batch together
+            (layer, float(m), str(Policy.parse(p)), context)
+            for p in config.policies
+            for layer in config.layers
+            for m in config.multipliers
+            if (layer, float(m), str(Policy.parse(p)), context) not in results.done
+        ]
+        if not todo:
+            continue
+        fresh_cells = [c for c in todo if c[1] != 0]
+        if base is None:  # the unsteered baseline runs in the first batch
+            fresh_cells.insert(0, (todo[0][0], 0.0, todo[0][2], context))
+        per_call = (
+            len(config.policies) * len(config.multipliers)
+            if ab
+            else cells_per_batch(config, len(prompts))
+        )
+        for first in range(0, len(fresh_cells), per_call):
+            group = fresh_cells[first : first + per_call]
             computed = score_cells(
-                lm, test if ab else None, prompts, fresh_cells, vectors[context], config, judge
+                lm, test if ab else None, prompts, group, vectors[context], config, judge
             )
             if base is None:
-                base = computed[fresh_cells[-1]]
-            for cell in todo:
-                row = {**base, **cell_keys(cell)} if cell[1] == 0 else computed[cell]
-                results.add(row)
-                if on_row is not None:
-                    on_row(row)
+                base = computed[group[0]]
+            for cell in group:  # saved batch by batch: an interrupted sweep resumes here
+                if cell in todo:
+                    save(computed[cell])
+        assert base is not None
+        for cell in todo:
+            if cell not in results.done:  # the other unsteered cells copy the baseline
+                save({**base, **cell_keys(cell)})
     wanted = {
         (float(m), str(Policy.parse(p)), c)
         for m in config.multipliers

@@ -24,6 +24,7 @@ from steerlab.core.steering import Steering
 from steerlab.hf.conditions import resolve_conditions
 from steerlab.hf.hooks import Steerer
 from steerlab.hf.layers import LayerMap, cache_kwarg, find_layers, input_device
+from steerlab.hf.tracking import Record, Shadow, select_rows
 from steerlab.hf.transient import cache_of, can_share, shared_step
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ def decode(
     top_changes: int = 0,
     on_step: OnStep | None = None,
     share: bool = True,
+    share_prompts: bool = False,
 ) -> Decoded:
     """Generate from a left-padded batch with steering.
 
@@ -116,6 +118,10 @@ def decode(
         share: run ``transient`` steps at their physical cost (the blocks up to the
             lowest transient layer once; :mod:`steerlab.hf.transient`). False runs the plain
             two full passes per token; both give the same numbers.
+        share_prompts: when no steering touches a row's positions before its last prompt
+            token (``after-prompt``, ``transient``, ``window``, unsteered rows), prefill
+            every distinct prompt's other tokens once, unsteered, and start each row (and
+            its unsteered shadow) from that cache: a sweep's cells share their prompts.
 
     Rows leave the batch as soon as they finish (EOS, or flagged by ``on_step``): they cost
     no more compute, and no row runs past its own length.
@@ -148,15 +154,23 @@ def decode(
     transient = steerer.plan.transient
     persisting = steerer.plan.persisting
     body = steerer.layer_map.base  # the blocks without the LM head, for cache-only passes
-    rec = _Record(
-        batch, min(eos_set) if eos_set else 0, return_logits, track_unsteered, top_changes
-    )
+    rec = Record(batch, min(eos_set) if eos_set else 0, return_logits, track_unsteered, top_changes)
     active = torch.arange(batch, device=device)  # the original row of each row still decoding
     finished_at = [sampling.max_new_tokens] * batch
     with steerer:
         cache: Any = None
-        shadow: Any = None
-        if transient:
+        shadow_cache: Any = None
+        if share_prompts:
+            cache, shadow_cache = _shared_prefix(steerer, body, ids, mask, lengths, track_unsteered)
+        shadow = Shadow(shadow_cache) if track_unsteered else None
+
+        def unsteered_run(inputs: torch.Tensor, at_mask: torch.Tensor, past: Any) -> Any:
+            with steerer.unsteered():
+                return _forward(model, inputs, at_mask, past)
+
+        if cache is not None:
+            step_ids = ids[:, -1:]
+        elif transient:
             # Prefill all but the newest prompt token; transient steering is off there.
             if ids.shape[1] > 1:
                 cache = cache_of(_forward(body, ids[:, :-1], mask[:, :-1], None))
@@ -198,13 +212,12 @@ def decode(
                 out = _forward(model, step_ids, mask, cache)
                 cache = cache_of(out)
                 logits = out.logits[:, -1, :].float()
-            if track_unsteered and plain_logits is None:
-                with steerer.unsteered():
-                    ref = _forward(model, step_ids if step or not transient else ids, mask, shadow)
-                shadow = cache_of(ref)
-                plain_logits = ref.logits[:, -1, :].float()
             token = _pick(logits, sampling, generator)  # [rows]
-            full = rec.step(active, token, logits, plain_logits)  # [batch], fill where done
+            full = rec.step(active, token, logits)  # [batch], fill where done
+            if plain_logits is not None:
+                rec.compare(active, token, logits, plain_logits)
+            elif shadow is not None:
+                shadow.add(ids if shadow.fresh else step_ids, active, token, logits)
             finish = torch.zeros(len(active), dtype=torch.bool, device=device)
             if sampling.stop_at_eos and eos_set:
                 for e in eos_set:
@@ -220,100 +233,55 @@ def decode(
             for r in active[finish].tolist():
                 finished_at[r] = step + 1
             rec.done[active[finish].cpu()] = True
-            if stop_all or bool(finish.all()):
+            last = stop_all or bool(finish.all()) or step == sampling.max_new_tokens - 1
+            if shadow is not None and (last or shadow.full or bool(finish.any())):
+                shadow.flush(unsteered_run, mask, rec)  # before rows leave or the mask grows
+            if last:
                 break
             if bool(finish.any()):
                 # Finished rows leave the batch: they cost nothing more, and no row runs
                 # past the length it asked for (learned-position models have a hard limit).
                 keep = torch.nonzero(~finish).flatten()
                 active, token, mask = active[keep], token[keep], mask[keep]
-                cache = _select_rows(cache, keep)
-                shadow = _select_rows(shadow, keep)
+                cache = select_rows(cache, keep)
+                if shadow is not None:
+                    shadow.select_rows(keep)
                 steerer.select_rows(keep.tolist())
             step_ids = token[:, None]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return rec.result(finished_at)
 
 
+def _shared_prefix(
+    steerer: Steerer,
+    body: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    lengths: list[int],
+    shadow: bool,
+) -> tuple[Any, Any]:
+    """The caches of every row's prompt but its last token, each distinct prompt prefilled
+    once and unsteered (and a copy for the shadow), or ``(None, None)`` when some steering
+    touches those positions or a prompt has a single token."""
+    if ids.shape[1] < 2 or min(lengths) < 2:
+        return None, None
+    if not steerer.plan.empty and not steerer.start(ids, mask).untouched_before(
+        [n - 1 for n in lengths]
+    ):
+        return None, None
+    both = torch.cat([ids[:, :-1], mask[:, :-1]], dim=1)
+    unique, rows = torch.unique(both, dim=0, return_inverse=True)
+    width = ids.shape[1] - 1
+    with steerer.unsteered():
+        base = cache_of(_forward(body, unique[:, :width], unique[:, width:], None))
+    copy_for_shadow = copy.deepcopy(base) if shadow else None
+    return select_rows(base, rows), select_rows(copy_for_shadow, rows)
+
+
 def _scatter(active: torch.Tensor, values: torch.Tensor, batch: int) -> torch.Tensor:
     full = torch.zeros(batch, dtype=torch.bool, device=values.device)
     full[active] = values
     return full
-
-
-def _select_rows(cache: Any, keep: torch.Tensor) -> Any:
-    """The cache with only the rows ``keep`` (in place where the cache supports it)."""
-    if cache is None:
-        return None
-    if hasattr(cache, "batch_select_indices"):
-        cache.batch_select_indices(keep)
-        return cache
-    if isinstance(cache, tuple):  # legacy tuple caches: ((k, v), ...) per layer
-        return tuple(tuple(t[keep] for t in layer) for layer in cache)
-    raise SteerlabError(f"cannot drop finished rows from a {type(cache).__name__} cache")
-
-
-class _Record:
-    """Per-step outputs of the whole batch; rows that left the batch get the fill token."""
-
-    def __init__(self, batch: int, fill: int, logits: bool, unsteered: bool, top: int = 0) -> None:
-        self.batch, self.fill = batch, fill
-        self.keep_logits, self.unsteered = logits, unsteered
-        self.done = torch.zeros(batch, dtype=torch.bool)
-        self.tokens: list[torch.Tensor] = []
-        self.logits: list[torch.Tensor] = []
-        self.kls: list[torch.Tensor] = []
-        self.logprobs: list[torch.Tensor] = []
-        self.top = top if unsteered else 0  # most changed tokens kept per step (0: none)
-        self.changes: list[torch.Tensor] = []
-        self.change_probs: list[torch.Tensor] = []
-
-    def step(
-        self,
-        active: torch.Tensor,
-        token: torch.Tensor,
-        logits: torch.Tensor,
-        plain: torch.Tensor | None,
-    ) -> torch.Tensor:
-        rows = active.cpu()
-        full = torch.full((self.batch,), self.fill, dtype=torch.long)
-        full[rows] = token.cpu()
-        self.tokens.append(full)
-        if self.keep_logits:
-            wide = torch.zeros(self.batch, logits.shape[-1])
-            wide[rows] = logits.cpu()
-            self.logits.append(wide)
-        if self.unsteered and plain is not None:
-            logp = torch.log_softmax(logits, -1)
-            logq = torch.log_softmax(plain, -1)
-            kl, lq = torch.zeros(self.batch), torch.zeros(self.batch)
-            kl[rows] = (logp.exp() * (logp - logq)).sum(-1).cpu()
-            lq[rows] = logq.gather(-1, token[:, None]).squeeze(-1).cpu()
-            self.kls.append(kl)
-            self.logprobs.append(lq)
-            if self.top:
-                p, q = logp.exp(), logq.exp()
-                k = min(self.top, p.shape[-1])
-                ids = (p - q).abs().topk(k, dim=-1).indices  # [active, k]
-                wide_ids = torch.zeros(self.batch, k, dtype=torch.long)
-                wide_p = torch.zeros(self.batch, k, 2)
-                wide_ids[rows] = ids.cpu()
-                wide_p[rows] = torch.stack([p.gather(-1, ids), q.gather(-1, ids)], -1).cpu()
-                self.changes.append(wide_ids)
-                self.change_probs.append(wide_p)
-        return full
-
-    def result(self, finished_at: list[int]) -> Decoded:
-        tokens = torch.stack(self.tokens, dim=1)  # [batch, n]
-        return Decoded(
-            tokens=tokens,
-            lengths=[min(f, tokens.shape[1]) for f in finished_at],
-            logits=torch.stack(self.logits, dim=1) if self.keep_logits else None,
-            kl=torch.stack(self.kls, dim=1) if self.kls else None,
-            unsteered_logprobs=torch.stack(self.logprobs, dim=1) if self.logprobs else None,
-            changes=torch.stack(self.changes, dim=1) if self.changes else None,
-            change_probs=torch.stack(self.change_probs, dim=1) if self.change_probs else None,
-        )
 
 
 def generate(
@@ -325,8 +293,9 @@ def generate(
     chat: bool = True,
     system: str | None = None,
     track_unsteered: bool = False,
+    share_prompts: bool = False,
 ) -> tuple[list[str], Decoded]:
-    """Generate completions for text prompts, steered.
+    """Generate completions for text prompts, steered (``share_prompts``: see :func:`decode`).
 
     Returns:
         The decoded completions (without special tokens) and the raw :class:`Decoded`.
@@ -342,6 +311,7 @@ def generate(
         tokenizer=lm.tokenizer,
         eos_token_id=lm.tokenizer.eos_token_id,
         track_unsteered=track_unsteered,
+        share_prompts=share_prompts,
     )
     texts = [
         lm.tokenizer.decode(

@@ -156,6 +156,13 @@ class Steerer:
         finally:
             self._enabled = previous
 
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Bounds:
+        """Every row's spans from the whole prompt batch, before any forward (for a loop
+        whose first steered forward already has a cache)."""
+        real = attention_mask.bool()
+        self._bounds = self._prefill(input_ids, real, int(input_ids.shape[0]))
+        return self._bounds
+
     def select_rows(self, keep: Sequence[int]) -> None:
         """Keep only the rows ``keep`` (a decoding loop dropping finished rows)."""
         if self._bounds is None:
