@@ -144,18 +144,26 @@ def main() -> None:
     if sw.exists():
         d = json.loads(sw.read_text())
         lines += [
-            "## Sweep cells: one batch per layer vs one by one (`bench/sweep_bench.py`)",
+            "## Sweep cells: batched vs one by one (`bench/sweep_bench.py`)",
             "",
-            f"{d['cells']} cells of one layer (the unsteered baseline included), {d['prompts']} prompts, "
-            f"{d['tokens']} greedy tokens, the VADER judge, same run.",
+            f"The sweep of issue #13: layers {','.join(map(str, d['layers']))} x multipliers "
+            f"{','.join(f'{m:g}' for m in d['multipliers'])} ({d['cells']} cells: the unsteered "
+            f"baseline once), {d['prompts']} prompts, {d['tokens']} greedy tokens, the VADER judge; "
+            "three paths in one process, same run.",
             "",
-            "| path | seconds | speed-up |",
+            "| path | seconds | batched is faster by |",
             "|---|---|---|",
-            f"| one cell at a time | {d['loop_s']:.1f} | 1.00 |",
-            f"| one batch of all cells | {d['batched_s']:.1f} | {d['speedup']:.2f} |",
+            f"| one cell at a time, decoding as before #13 (whole-prompt prefill per row, "
+            f"shadow one token per step) | {d['old_loop_s']:.1f} | {d['speedup_vs_old_loop']:.2f}x |",
+            f"| one cell at a time, today's decoding (shared prefill, chunked shadow) | "
+            f"{d['cell_loop_s']:.1f} | {d['speedup_vs_cell_loop']:.2f}x |",
+            f"| batched as `steerlab sweep` runs it ({d['rows_per_batch']} rows per batch) | "
+            f"{d['batched_s']:.1f} | 1.00x |",
             "",
-            f"Largest difference in a cell's behaviour score: {d['max_behaviour_difference']:.1e}; "
-            f"first completions identical: {d['same_first_texts']}.",
+            f"Largest difference against either loop: behaviour {d['max_behaviour_difference']:.1e}, "
+            f"KL {d['max_kl_difference']:.1e}, perplexity (relative) "
+            f"{d['max_perplexity_relative_difference']:.1e}; first completions identical: "
+            f"{d['same_first_texts']}.",
             "",
         ]
     vl = ROOT / "bench" / "results" / "vllm.json"
