@@ -90,6 +90,8 @@ def judge_of(
         return judges.keywords(keywords.split(","))
     if judge == "sentiment":
         return judges.sentiment()
+    if judge == "casual":
+        return judges.casual()
     if judge == "llm":
         if not judge_url:
             raise SteerlabError("--judge llm needs --judge-url, e.g. http://127.0.0.1:8000/v1")
@@ -99,7 +101,7 @@ def judge_of(
             raise SteerlabError("--judge axbench needs --judge-url, e.g. http://127.0.0.1:8000/v1")
         return judges.axbench(judge_url, judge_model, behaviour)
     raise SteerlabError(
-        f"unknown judge '{judge}': use sentiment, llm, axbench, or --keywords word1,word2"
+        f"unknown judge '{judge}': use sentiment, casual, llm, axbench, or --keywords word1,word2"
     )
 
 

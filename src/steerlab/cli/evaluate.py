@@ -62,8 +62,9 @@ def sweep(
     judge: str = typer.Option(
         "sentiment",
         "--judge",
-        help="sentiment, llm (a 0-10 rubric) or axbench (concept, relevance and fluency 0-2, "
-        "harmonic mean) for free-text datasets; llm and axbench need --judge-url.",
+        help="sentiment (VADER), casual (register lexicon), llm (a 0-10 rubric) or axbench "
+        "(concept, relevance and fluency 0-2, harmonic mean) for free-text datasets; llm and "
+        "axbench need --judge-url.",
     ),
     keywords: str | None = typer.Option(
         None, "--keywords", help="Keyword judge: comma-separated words."
@@ -80,6 +81,9 @@ def sweep(
         2.0, "--perplexity-bound", help="Recommendation keeps fluency <= this x unsteered."
     ),
     max_test_items: int = typer.Option(200, "--max-test-items", help="A/B items scored per cell."),
+    batch_rows: int = typer.Option(
+        192, "--batch-rows", help="Most rows per padded batch of cells (memory, not results)."
+    ),
     out_dir: Path = typer.Option(
         Path("steerlab-out/sweep"), "--out", "-o", help="Output directory (resumable)."
     ),
@@ -118,6 +122,7 @@ def sweep(
         perplexity_bound=perplexity_bound,
         scale=scale,
         max_test_items=max_test_items,
+        batch_rows=batch_rows,
     )
     lm = load(model, device, dtype)
     config = dataclasses.replace(config, layers=tuple(resolve_layers(layers, lm.info.num_layers)))
@@ -175,8 +180,10 @@ def compare_policies_cmd(
     prompts: Path | None = typer.Option(
         None, "--prompts", help="Text file, one prompt per line (default: built-in)."
     ),
-    judge: str = typer.Option("sentiment", "--judge"),
-    keywords: str | None = typer.Option(None, "--keywords"),
+    judge: str = typer.Option(
+        "sentiment", "--judge", help="sentiment, casual, llm or axbench (see sweep --help)."
+    ),
+    keywords: str | None = typer.Option(None, "--keywords", help="Keyword judge: word1,word2."),
     judge_url: str | None = typer.Option(None, "--judge-url"),
     judge_model: str = typer.Option("judge", "--judge-model"),
     behaviour: str = typer.Option("the target behaviour", "--behaviour"),
@@ -185,30 +192,80 @@ def compare_policies_cmd(
     ),
     actadd_rows: int = typer.Option(4, "--actadd-rows", help="Front positions steered by actadd."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
+    frontier: bool = typer.Option(
+        False,
+        "--frontier",
+        help="Compare at equal behaviour shift: sweep each policy's --multipliers and read "
+        "its side effects (KL, perplexity, distinct-2) at one shift, with 95% intervals.",
+    ),
+    multipliers: str = typer.Option(
+        "1,2,3,4,6,8", "--multipliers", help="--frontier: multipliers of one sign, comma-separated."
+    ),
+    policies: str = typer.Option(
+        "after-prompt,transient,all", "--policies", help="--frontier: policies, comma-separated."
+    ),
+    direction: str = typer.Option(
+        "increase", "--direction", help="--frontier: increase or decrease (the shift sought)."
+    ),
+    shift: float | None = typer.Option(
+        None,
+        "--shift",
+        help="--frontier: the shift to read costs at (default: half the smallest largest "
+        "shift of any policy).",
+    ),
+    seed: int = typer.Option(0, "--seed", help="--frontier: bootstrap seed."),
     out_dir: Path = typer.Option(Path("steerlab-out/policies"), "--out", "-o"),
     allow_model_mismatch: bool = AllowMismatchOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
 ) -> None:
-    """One vector, layer and multiplier under after-prompt, transient, all, prompt and actadd."""
+    """One vector, layer and multiplier under after-prompt, transient, all, prompt and actadd;
+    with --frontier, every policy's multiplier swept and its cost read at equal shift."""
     from steerlab.core.dataset import load_dataset
     from steerlab.core.files import read_prompts
     from steerlab.evaluation.policies import compare_policies
-    from steerlab.evaluation.sweep import DEFAULT_PROMPTS
+    from steerlab.evaluation.sweep import DEFAULT_PROMPTS, neutral_prompts, parse_floats
 
-    texts = list(DEFAULT_PROMPTS) if prompts is None else read_prompts(prompts)
+    if frontier:
+        from steerlab.evaluation.frontier import FrontierConfig
+
+        if ab_dataset is not None:
+            raise SteerlabError("--ab-dataset is not part of --frontier (free-text judges only)")
+        config = FrontierConfig(
+            layer=layer,
+            multipliers=parse_floats(multipliers),
+            policies=tuple(p.strip() for p in policies.split(",") if p.strip()),
+            direction=direction,
+            shift=shift,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+        )
+    default = neutral_prompts() if frontier else DEFAULT_PROMPTS
+    texts = list(default) if prompts is None else read_prompts(prompts)
     ab = load_dataset(ab_dataset) if ab_dataset else None  # bad input fails before the model
+    scorer = judge_of(judge, keywords, judge_url, judge_model, behaviour)
     lm = load(model, device, dtype)
     steerings = steerings_of(
         vector, str(layer), "after-prompt", "absolute", lm, allow_model_mismatch
     )
+    if frontier:
+        from steerlab.evaluation.frontier import run_frontier
+
+        label = "keyword rate" if keywords else judge
+        result = run_frontier(
+            lm, steerings[0].vector, texts, scorer, config, out_dir, behaviour_label=label,
+            on_batch=lambda done, total: err.print(f"  cells {done}/{total} scored"),
+        )  # fmt: skip
+        show_frontier(result)
+        out.print(f"wrote {out_dir}/frontier.md, frontier.csv, frontier.json, frontier.png")
+        return
     rows = compare_policies(
         lm,
         steerings[0].vector,
         layer,
         multiplier,
         texts,
-        judge_of(judge, keywords, judge_url, judge_model, behaviour),
+        scorer,
         out_dir,
         actadd_rows=actadd_rows,
         max_new_tokens=max_new_tokens,
@@ -217,6 +274,47 @@ def compare_policies_cmd(
     cols = ["policy", "behaviour", "kl", "perplexity", "distinct2"] + (["ab_score"] if ab else [])
     print_rows(rows, cols, f"layer {layer}, multiplier {multiplier:g}")
     out.print(f"wrote {out_dir}/policies.md, policies.csv, policies.json, policies.png")
+
+
+def show_frontier(result: dict[str, object]) -> None:
+    """The frontier's cells and its readings at equal shift, as tables."""
+    from steerlab.evaluation.frontier_report import ci_text
+
+    cells = result["cells"]
+    assert isinstance(cells, list)
+    table = Table("policy", "multiplier", "shift", "KL/token", "perplexity", "distinct-2")
+    for c in cells:
+        table.add_row(
+            c["policy"],
+            f"{c['multiplier']:g}",
+            *(
+                ci_text([c[k], c[f"{k}_lo"], c[f"{k}_hi"]])
+                for k in ("shift", "kl", "perplexity", "distinct2")
+            ),
+        )
+    out.print(table)
+    readings = result["readings"]
+    assert isinstance(readings, list)
+    if not readings:
+        out.print("some policy never shifts the behaviour: no equal shift to read costs at")
+        return
+    shift = result["shift"]
+    assert isinstance(shift, float)
+    at = Table(
+        "policy",
+        "multiplier needed",
+        "KL/token",
+        "perplexity",
+        "distinct-2",
+        title=f"at shift {shift:.3f}",
+    )
+    for r in readings:
+        at.add_row(
+            r["policy"],
+            ci_text(r["multiplier"], 2),
+            *(ci_text(r[k]) for k in ("kl", "perplexity", "distinct2")),
+        )
+    out.print(at)
 
 
 @app.command()

@@ -49,6 +49,46 @@ def keywords(words: Sequence[str]) -> Judge:
     return judge
 
 
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+# Register markers for the casual judge: a small hand-written lexicon (steerlab's own).
+CASUAL_WORDS = _words(
+    "hey yeah yep yup nope gonna wanna gotta kinda sorta lol haha dude cool awesome super "
+    "totally stuff folks okay ok chill tons grab wow oh btw tbh legit buddies buddy guys "
+    "basically honestly literally pretty dunno ya cuz 'cause boom sorted hang hit"
+)
+FORMAL_WORDS = _words(
+    "therefore furthermore moreover however consequently regarding additionally thus hence "
+    "whereas nevertheless accordingly shall hereby kindly ensure utilize utilise facilitate "
+    "individuals approximately subsequently numerous sufficient obtain require assist "
+    "commence inquire appropriate significant considerable certainly provide regard"
+)
+_CONTRACTION = re.compile(r"\b\w+(n't|'re|'ll|'m|'ve|'d)\b|\b(it|that|there|what|he|she)'s\b", re.I)
+
+
+def casual() -> Judge:
+    """Casual register: (casual markers - formal markers) per 100 words of completion.
+
+    Casual markers are contractions, exclamation marks and words of :data:`CASUAL_WORDS`;
+    formal markers are words of :data:`FORMAL_WORDS`. A lexicon heuristic (higher = more
+    casual), cheap and deterministic, for sweeps and frontiers on the casual-register set.
+    """
+
+    def judge(texts: Sequence[str]) -> list[float]:
+        scores = []
+        for t in texts:
+            words = [w.strip('.,;:!?"()').lower() for w in t.split()]
+            hits = sum(w in CASUAL_WORDS for w in words) + t.count("!")
+            hits += len(_CONTRACTION.findall(t))
+            hits -= sum(w in FORMAL_WORDS for w in words)
+            scores.append(100.0 * hits / max(len(words), 1))
+        return scores
+
+    return judge
+
+
 DEFAULT_RUBRIC = (
     "Rate how strongly the following text shows the behaviour '{behaviour}' on a scale from "
     "0 (not at all) to 10 (extremely). Answer with the number only.\n\nText:\n{text}"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
@@ -23,7 +23,7 @@ def _pyplot() -> Any:
 def sweep_plots(rows: Sequence[dict[str, Any]], out_dir: Path, behaviour_label: str) -> list[Path]:
     """Behaviour vs multiplier per layer, behaviour vs layer per multiplier, and the
     behaviour/fluency trade-off. Returns the PNG paths."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = sorted({r["layer"] for r in rows})
     mults = sorted({r["multiplier"] for r in rows})
     paths = []
@@ -37,7 +37,7 @@ def sweep_plots(rows: Sequence[dict[str, Any]], out_dir: Path, behaviour_label: 
     ax.set_title("Behaviour vs multiplier")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    paths.append(_save(fig, out_dir / "behaviour_vs_multiplier.png", plt))
+    paths.append(save_figure(fig, out_dir / "behaviour_vs_multiplier.png", plt))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in mults:
@@ -48,7 +48,7 @@ def sweep_plots(rows: Sequence[dict[str, Any]], out_dir: Path, behaviour_label: 
     ax.set_title("Behaviour vs layer")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    paths.append(_save(fig, out_dir / "behaviour_vs_layer.png", plt))
+    paths.append(save_figure(fig, out_dir / "behaviour_vs_layer.png", plt))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for layer in layers:
@@ -64,13 +64,13 @@ def sweep_plots(rows: Sequence[dict[str, Any]], out_dir: Path, behaviour_label: 
     ax.set_title("Behaviour vs fluency trade-off")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    paths.append(_save(fig, out_dir / "tradeoff.png", plt))
+    paths.append(save_figure(fig, out_dir / "tradeoff.png", plt))
     return paths
 
 
 def policy_plots(rows: Sequence[dict[str, Any]], out_dir: Path, behaviour_label: str) -> Path:
     """Four bar charts (behaviour, KL, perplexity, distinct-2) by policy."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [r["policy"] for r in rows]
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.6))
     for ax, key, title in zip(
@@ -84,14 +84,14 @@ def policy_plots(rows: Sequence[dict[str, Any]], out_dir: Path, behaviour_label:
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Same vector, layer and multiplier under each position policy")
-    return _save(fig, out_dir / "policies.png", plt)
+    return save_figure(fig, out_dir / "policies.png", plt)
 
 
 def contrast_histogram(positive: Sequence[float], negative: Sequence[float], title: str) -> bytes:
     """Overlaid histograms of the projections of positive and negative examples (PNG bytes)."""
     import io
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     values = list(positive) + list(negative)
     lo, hi = min(values), max(values)
@@ -113,7 +113,7 @@ def training_curve(losses: Sequence[float], title: str) -> bytes:
     """The loss after every training step (PNG bytes)."""
     import io
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     ax.plot(range(1, len(losses) + 1), list(losses), color="#2f6fd6", linewidth=1)
     ax.set_xlabel("step")
@@ -126,7 +126,7 @@ def training_curve(losses: Sequence[float], title: str) -> bytes:
     return buffer.getvalue()
 
 
-def _save(fig: Any, path: Path, plt: Any) -> Path:
+def save_figure(fig: Any, path: Path, plt: Any) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
