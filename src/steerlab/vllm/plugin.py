@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from steerlab.core.errors import SteerlabError
-from steerlab.core.plan import SteeringPlan
+from steerlab.core.plan import Bounds, SteeringPlan
 from steerlab.core.steering import Steering
 from steerlab.core.vector import SteeringVector
 from steerlab.vllm import requests
@@ -171,6 +171,7 @@ class _Step:
         prompt_lengths: list[int],
         starts: list[int],
         positions: torch.Tensor,
+        bounds: Bounds | None = None,
     ) -> None:
         self.runner = runner
         self.plan = plan
@@ -180,7 +181,10 @@ class _Step:
         self.row = torch.repeat_interleave(torch.arange(len(counts)), counts).to(device)  # [n]
         self.t = positions[:n].long()  # [n]: vLLM's positions start at each request's token 0
         self.n = n
-        bounds = plan.bounds(prompt_lengths, self._marker_at)
+        self.capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if bounds is None:
+            bounds = plan.bounds(prompt_lengths, self._marker_at)
+        self.bounds = bounds
         real = torch.ones(n, dtype=torch.bool, device=device)
         self.coef = plan.coefficients(bounds, self.row, self.t, real)  # [n, A]
         self.on = self.coef.any(-1, keepdim=True)  # [n, 1]
@@ -223,14 +227,16 @@ class _Step:
         starts = [int(x) for x in runner.query_start_loc.cpu[: count + 1].tolist()]
         # Decoding steps keep the same requests for a while: reuse their plan (the stacked,
         # device-cast vectors) until the batch changes.
+        # A request's spans depend only on its prompt, so they are kept with the plan too.
         key = tuple(batch.req_ids[:count])
         cached_plan = getattr(runner, "_steerlab_plan", None)
         if cached_plan is not None and cached_plan[0] == key:
-            plan = cached_plan[1]
-        else:
-            plan = SteeringPlan(rows)
-            runner._steerlab_plan = (key, plan)
-        return cls(runner, plan, lengths, starts, positions)
+            _, plan, bounds = cached_plan
+            return cls(runner, plan, lengths, starts, positions, bounds)
+        plan = SteeringPlan(rows)
+        step = cls(runner, plan, lengths, starts, positions)
+        runner._steerlab_plan = (key, plan, step.bounds)
+        return step
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
@@ -246,7 +252,7 @@ class _Step:
 
     def _hook(self, layer: int) -> Any:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            if self.capturing:
                 raise SteerlabError(
                     "steerlab cannot steer inside a captured CUDA graph: start vLLM with "
                     "enforce_eager=True"
