@@ -172,9 +172,13 @@ class _Step:
         starts: list[int],
         positions: torch.Tensor,
         bounds: Bounds | None = None,
+        broadcast: dict[tuple[int, torch.dtype], torch.Tensor] | None = None,
     ) -> None:
         self.runner = runner
         self.plan = plan
+        # Per (layer, dtype): the [d] delta of a step whose every token every steering
+        # covers, when it depends on nothing else (adds only); kept with the cached plan.
+        self.broadcast = {} if broadcast is None else broadcast
         n = starts[-1]
         counts = torch.tensor([b - a for a, b in zip(starts, starts[1:], strict=False)])
         device = positions.device
@@ -231,11 +235,11 @@ class _Step:
         key = tuple(batch.req_ids[:count])
         cached_plan = getattr(runner, "_steerlab_plan", None)
         if cached_plan is not None and cached_plan[0] == key:
-            _, plan, bounds = cached_plan
-            return cls(runner, plan, lengths, starts, positions, bounds)
+            _, plan, bounds, broadcast = cached_plan
+            return cls(runner, plan, lengths, starts, positions, bounds, broadcast)
         plan = SteeringPlan(rows)
         step = cls(runner, plan, lengths, starts, positions)
-        runner._steerlab_plan = (key, plan, step.bounds)
+        runner._steerlab_plan = (key, plan, step.bounds, step.broadcast)
         return step
 
     @contextmanager
@@ -258,6 +262,10 @@ class _Step:
                     "enforce_eager=True"
                 )
             hidden, residual = output  # each [tokens, d]; the block's output is their sum
+            if self.all_on:
+                fixed = self.broadcast.get((layer, residual.dtype))
+                if fixed is not None:
+                    return hidden, residual + fixed
             n = self.n
             coef = self._cast.get(residual.dtype)
             if coef is None:
@@ -268,6 +276,8 @@ class _Step:
             if delta is None:
                 return None
             if self.all_on:
+                if delta.dim() == 1:  # one add, no ActAdd or projection: fixed per plan
+                    self.broadcast[(layer, residual.dtype)] = delta
                 return hidden, residual + delta
             on = self.on.to(residual.device)
             head = torch.where(on, residual[:n] + delta, residual[:n])  # a masked add
