@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from steerlab.evaluation.frontier_report import ci_text as ci
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "src" / "steerlab" / "data"
 OUT = ROOT / "docs" / "frontiers"
@@ -39,13 +41,6 @@ def steerlab(*args: str) -> None:
     command = [sys.executable, "-m", "steerlab.cli", *args]
     print("$ steerlab " + " ".join(args), flush=True)
     subprocess.run(command, check=True)
-
-
-def ci(values: list[float], digits: int = 3) -> str:
-    point, lo, hi = values
-    if point != point:
-        return "not reached"
-    return f"{point:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def main() -> None:
