@@ -257,7 +257,10 @@ def compare_policies_cmd(
             on_batch=lambda done, total: err.print(f"  cells {done}/{total} scored"),
         )  # fmt: skip
         show_frontier(result)
-        out.print(f"wrote {out_dir}/frontier.md, frontier.csv, frontier.json, frontier.png")
+        out.print(
+            f"wrote {out_dir}/frontier.md, frontier.csv, frontier.json, "
+            "frontier-readings.json, frontier.png"
+        )
         return
     rows = compare_policies(
         lm,

@@ -145,8 +145,8 @@ def run_frontier(
 ) -> dict[str, Any]:
     """Sweep every policy's multiplier, and read each policy's side effects at equal shift.
 
-    Writes ``frontier.csv``/``.json``, ``frontier.png`` and ``frontier.md`` into
-    ``out_dir``.
+    Writes ``frontier.csv``/``.json`` (the cells), ``frontier-readings.json`` (everything
+    returned), ``frontier.png`` and ``frontier.md`` into ``out_dir``.
 
     Returns:
         ``{"cells": [...], "shift": S | None, "readings": [...], "files": [...]}``; a

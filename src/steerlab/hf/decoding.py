@@ -160,9 +160,11 @@ def decode(
     with steerer:
         cache: Any = None
         shadow_cache: Any = None
+        # Transient-only tracking gets the unsteered logits from its own second pass.
+        needs_shadow = track_unsteered and (persisting or not transient)
         if share_prompts:
-            cache, shadow_cache = _shared_prefix(steerer, body, ids, mask, lengths, track_unsteered)
-        shadow = Shadow(shadow_cache) if track_unsteered else None
+            cache, shadow_cache = _shared_prefix(steerer, body, ids, mask, lengths, needs_shadow)
+        shadow = Shadow(shadow_cache) if needs_shadow else None
 
         def unsteered_run(inputs: torch.Tensor, at_mask: torch.Tensor, past: Any) -> Any:
             with steerer.unsteered():
