@@ -61,6 +61,34 @@ def start_server(app):
     return base, stop
 
 
+def run_threads(calls: list) -> list:
+    """Run each ``(fn, *args)`` of ``calls`` in its own thread, all at once.
+
+    Returns:
+        Each call's result, in order. A worker's exception is raised again in the calling
+        (main) thread, so a failure inside a thread fails the test.
+    """
+    import threading
+
+    results: list = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def run(i: int, fn, *args) -> None:
+        try:
+            results[i] = fn(*args)
+        except BaseException as exc:  # raised again below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, *call)) for i, call in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
 # ----- steering contract helpers (tests of hooks and decoding) -------------------------------
 EQUIV_ARCHS = ["llama", "gpt2", "gpt_neox", "qwen2", "gemma2", "opt", "phi3", "mistral"]
 # Every persisting policy kind, windows both closed and open.

@@ -14,9 +14,10 @@ from helpers import (
     random_vector,
 )
 
-from steerlab import Sampling, Steering, decode
+from steerlab import Sampling, Steering, decode, steer
 from steerlab.core.policy import Policy
 from steerlab.core.prompts import pad_batch
+from steerlab.hf.layers import block_output
 from steerlab.hf.reference import reference_generate, reference_logits
 
 GREEDY = Sampling(max_new_tokens=STEPS, stop_at_eos=False)
@@ -53,9 +54,9 @@ def test_batched_cached_equals_uncached_reference(arch_model, policy):
 
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)
-def test_multiplier_zero_is_unsteered_bit_for_bit(llama, policy):
-    """(5)"""
-    lm = llama
+def test_multiplier_zero_is_unsteered_bit_for_bit(arch_model, policy):
+    """(5) on every architecture"""
+    lm = arch_model
     seqs = prompt_ids(lm)
     ids, mask = pad_batch(seqs, 0)
     plain = decode(lm.model, ids, mask, [], GREEDY, layer_map=lm.layers, return_logits=True)
@@ -113,34 +114,82 @@ def test_relative_scale_has_norm_of_multiplier_times_residual_norm(llama):
 
 
 def test_transient_differs_from_after_prompt_and_keeps_cache_unsteered(llama):
+    """Transient steering: every step's logits equal recomputing the whole sequence with only
+    the newest position steered (so every earlier position's keys and values in the cache
+    are the unsteered ones), its KL and unsteered log-probabilities equal the plain
+    reference's, and it is not after-prompt."""
     lm = llama
     seq = prompt_ids(lm)[1]
     ids, mask = pad_batch([seq], 0)
     vec = random_vector(lm, [1, 2])
+    transient = [Steering(vec, 6.0, policy=Policy("transient"))]
     t = decode(
-        lm.model,
-        ids,
-        mask,
-        [Steering(vec, 6.0, policy=Policy("transient"))],
-        GREEDY,
-        layer_map=lm.layers,
-        track_unsteered=True,
-    )
+        lm.model, ids, mask, transient, GREEDY, layer_map=lm.layers, track_unsteered=True,
+        return_logits=True,
+    )  # fmt: skip
     a = decode(lm.model, ids, mask, [Steering(vec, 6.0)], GREEDY, layer_map=lm.layers)
     assert t.tokens.tolist() != a.tokens.tolist()
-    assert t.kl is not None and bool((t.kl >= -1e-6).all())
+    tokens = t.tokens[0].tolist()
+    assert t.kl is not None and t.unsteered_logprobs is not None and t.logits is not None
+    for step in range(STEPS):
+        prefix = seq + tokens[:step]
+        # steered: only the newest position; the cache a persisting steering would have
+        # changed (every earlier position) is recomputed unsteered here
+        steered = reference_logits(lm.model, prefix, len(seq), transient, lm.layers)[-1]
+        plain = reference_logits(lm.model, prefix, len(seq), [], lm.layers)[-1]
+        torch.testing.assert_close(t.logits[0, step], steered, atol=1e-4, rtol=0)
+        logp, logq = torch.log_softmax(steered, -1), torch.log_softmax(plain, -1)
+        kl = float((logp.exp() * (logp - logq)).sum())
+        assert abs(float(t.kl[0, step]) - kl) < 1e-4, (step, float(t.kl[0, step]), kl)
+        assert abs(float(t.unsteered_logprobs[0, step]) - float(logq[tokens[step]])) < 1e-4
+    assert float(t.kl[0].max()) > 1e-3  # the steering changed something to compare
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_half_precision(dtype):
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_half_precision_adds_exactly_v_and_leaves_other_rows_alone(side):
+    """bfloat16 on the CPU: the steered block output is the plain one plus the vector cast to
+    bfloat16, bit for bit, at real tokens only (left or right padding); an unsteered row in
+    the same batch is bit-identical to an unsteered batch; greedy decoding runs."""
     lm = tiny.model("llama")
-    lm.model.to("cuda", dtype)
-    s = make_steering(lm, "after-prompt")
-    seq = prompt_ids(lm)[0]
-    ids, mask = pad_batch([seq], 0)
-    out = decode(lm.model, ids, mask, [s], Sampling(4, stop_at_eos=False), layer_map=lm.layers)
-    assert out.tokens.shape == (1, 4)
+    lm.model.to(torch.bfloat16)
+    seqs = prompt_ids(lm)[:2]
+    ids, mask = pad_batch(seqs, 0, side=side)
+    vec = random_vector(lm, [1])
+    rows = [[Steering(vec, 3.0, policy=Policy("all"))], []]
+    captured: list[torch.Tensor] = []
+
+    def record(module, args, output) -> None:
+        captured.append(block_output(output).detach().clone())
+
+    with torch.no_grad():
+        handle = lm.layers.blocks[1].register_forward_hook(record)
+        try:
+            lm.model(input_ids=ids, attention_mask=mask)
+        finally:
+            handle.remove()
+        with steer(lm.model, per_row=rows):
+            # registered after steer()'s hook, so it sees the steered output
+            handle = lm.layers.blocks[1].register_forward_hook(record)
+            try:
+                lm.model(input_ids=ids, attention_mask=mask)
+            finally:
+                handle.remove()
+    plain, steered = captured
+    delta = (3.0 * vec.directions[1]).to(torch.bfloat16)
+    real = mask[0].bool()
+    assert steered.dtype == torch.bfloat16
+    assert torch.equal(steered[0, real], plain[0, real] + delta)
+    assert torch.equal(steered[0, ~real], plain[0, ~real])  # padding is never steered
+    assert torch.equal(steered[1], plain[1])
+    ids, mask = pad_batch(seqs, 0)  # decoding takes left-padded prompts
+    out = decode(
+        lm.model, ids, mask, [[Steering(vec, 3.0)], []], Sampling(4, stop_at_eos=False),
+        layer_map=lm.layers,
+    )  # fmt: skip
+    alone = decode(
+        lm.model, ids, mask, [[], []], Sampling(4, stop_at_eos=False), layer_map=lm.layers
+    )
+    assert torch.equal(out.tokens[1], alone.tokens[1])
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "opt"])

@@ -14,12 +14,24 @@ import torch
 from helpers import random_vector
 
 from steerlab import SteerlabError
-from steerlab.evaluation.frontier import FrontierConfig, read_at, run_frontier
+from steerlab.evaluation.frontier import (
+    FrontierConfig,
+    read_at,
+    read_policies,
+    reliable_shift,
+    run_frontier,
+    unconditional,
+)
 from steerlab.evaluation.judges import casual, keywords
 from steerlab.formats import save_vector
 
 PROMPTS = ("the cat", "a dog ran", "hello there friend", "rain", "sun and sea", "ok")
 JUDGE = keywords(["e", "a"])
+
+
+def _steered_letters(texts):
+    """Share of characters among those the tiny model's steered completions favour."""
+    return [sum(ch in "YvCb" for ch in t) / max(len(t), 1) for t in texts]
 
 
 def test_read_at_interpolates_at_the_first_crossing_and_is_nan_when_never_reached():
@@ -53,7 +65,7 @@ def test_frontier_cells_readings_and_files(tmp_path):
     lm = tiny.model("llama")
     vector = random_vector(lm, [1])
     config = FrontierConfig(layer=1, multipliers=(4.0, 8.0), max_new_tokens=6, batch_rows=12)
-    result = run_frontier(lm, vector, PROMPTS, JUDGE, config, tmp_path, resamples=200)
+    result = run_frontier(lm, vector, PROMPTS, _steered_letters, config, tmp_path, resamples=200)
     cells = result["cells"]
     assert [c["policy"] for c in cells] == ["unsteered"] + [
         p for p in ("after-prompt", "transient", "all") for _ in (4.0, 8.0)
@@ -65,13 +77,59 @@ def test_frontier_cells_readings_and_files(tmp_path):
             assert c[f"{key}_lo"] - 1e-9 <= c[key] <= c[f"{key}_hi"] + 1e-9
     for name in ("frontier.md", "frontier.png", "frontier.csv", "frontier.json"):
         assert (tmp_path / name).is_file()
-    if result["shift"] is not None:
-        assert [r["policy"] for r in result["readings"]] == ["after-prompt", "transient", "all"]
-        for r in result["readings"]:
-            assert 0.0 <= r["reached"] <= 1.0
-            assert r["multiplier"][0] != r["multiplier"][0] or 0 < r["multiplier"][0] <= 8.0
-        assert "kl_minus_after-prompt" in result["readings"][1]
-        assert "## Costs at shift" in (tmp_path / "frontier.md").read_text()
+    assert result["shift"] is not None and result["shift"] > 0, result["reliable_reach"]
+    assert [r["policy"] for r in result["readings"]] == ["after-prompt", "transient", "all"]
+    for r in result["readings"]:
+        assert 0.0 <= r["reached"] <= 1.0
+        for key in ("multiplier", "kl", "perplexity", "distinct2"):
+            point, lo, hi = r[key]
+            assert not any(math.isnan(x) for x in (lo, hi)), (r["policy"], key, r[key])
+            assert math.isnan(point) or lo - 1e-9 <= point <= hi + 1e-9, (key, r[key])
+        point = r["multiplier"][0]
+        assert math.isnan(point) or 0 < point <= 8.0
+    assert "kl_minus_after-prompt" in result["readings"][1]
+    assert "## Costs at shift" in (tmp_path / "frontier.md").read_text()
+
+
+def _synthetic(resamples: int = 1000, miss: float = 0.1):
+    """Three cells per policy (baseline, x1, x2); policy b misses the shift 0.5 in a share
+    ``miss`` of the resamples (its shift stays at 0.3 there)."""
+    gen = torch.Generator().manual_seed(0)
+    shift = torch.zeros(resamples, 5, dtype=torch.float64)
+    shift[:, 1], shift[:, 2] = 0.4, 1.0  # policy a: baseline, 1, 2 -> reaches 0.5 always
+    missing = torch.rand(resamples, generator=gen) < miss
+    shift[:, 3] = 0.4
+    shift[:, 4] = torch.where(missing, 0.3, 1.2)  # policy b: misses 0.5 in `miss` of them
+    cost = torch.tensor([0.0, 1.0, 2.0, 1.0, 3.0], dtype=torch.float64).expand(resamples, -1)
+    boot = {"shift": shift, "kl": cost, "perplexity": cost + 1, "distinct2": cost}
+    full = {k: v[:1] for k, v in boot.items()}
+    full["shift"] = torch.tensor([[0.0, 0.4, 1.0, 0.4, 1.2]], dtype=torch.float64)
+    paths = {"a": [0, 1, 2], "b": [0, 3, 4]}
+    return full, boot, paths, missing
+
+
+def test_a_resample_that_never_reaches_the_shift_counts_and_is_never_dropped():
+    full, boot, paths, missing = _synthetic(miss=0.1)
+    a, b = read_policies(full, boot, paths, (0.0, 1.0, 2.0), 0.5)
+    assert a["reached"] == 1.0 and b["reached"] == pytest.approx(1 - float(missing.double().mean()))
+    # a: halfway... 0.4 -> 1.0 at 0.5 is 1/6 of the way from cost 1 to 2
+    assert a["kl"] == pytest.approx([1 + 1 / 6] * 3)
+    # b misses in 10% of resamples: its upper end is unbounded, not the 90% that reached
+    assert b["kl"][2] == math.inf and math.isfinite(b["kl"][1])
+    assert b["kl_minus_a"][2] == math.inf
+    assert all(not math.isnan(x) for r in (a, b) for k in ("kl", "multiplier") for x in r[k])
+
+
+def test_unconditional_intervals_and_the_reliable_shift():
+    values = torch.tensor([1.0, 2.0, 3.0, float("inf")] * 25, dtype=torch.float64)
+    assert unconditional(values, 2.0) == [2.0, 1.0, math.inf]  # 25% infinite
+    both_missed = torch.tensor([float("nan")] + [0.5] * 99, dtype=torch.float64)
+    assert unconditional(both_missed, 0.5) == [0.5, 0.5, 0.5]  # 1% counts at both ends
+    many = torch.tensor([float("nan")] * 5 + [0.5] * 95, dtype=torch.float64)
+    assert unconditional(many, 0.5) == [0.5, -math.inf, math.inf]
+    reach = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)
+    assert reliable_shift(reach) == pytest.approx(0.025)
+    assert float((reach >= reliable_shift(reach)).double().mean()) >= 0.975
 
 
 def test_an_explicit_shift_that_no_policy_reaches_reads_nothing(tmp_path):

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import tiny
+import torch
 from helpers import random_vector
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm_eval is not installed (steerlab[harness])")
@@ -94,11 +95,32 @@ def test_loglikelihoods_are_steered_and_multiplier_zero_is_not(setup):
         return [s["resps"] for s in result["samples"]["steer_mc"]]
 
     assert lls(plain) == lls(off) and lls(on) != lls(plain)
-    assert 0.0 <= on["results"]["steer_mc"]["acc,none"] <= 1.0
+    # Each steered log-likelihood against the plain reference (no cache, one hook per
+    # steered position), and the accuracy against the choices those numbers pick.
+    from steerlab import Steering
+    from steerlab.formats import load_vector
+    from steerlab.hf.reference import reference_logits
+
+    steering = Steering(load_vector(root / "v.safetensors"), 8.0, (1, 2), "all")
+    tok = lm.tokenizer
+    right = 0
+    samples = on["samples"]["steer_mc"]
+    assert len(samples) == 6
+    for sample in samples:
+        got = [resp[0][0] for resp in sample["resps"]]
+        want = []
+        for context, continuation in sample["arguments"]:
+            ctx = tok(context)["input_ids"]
+            cont = tok(context + continuation)["input_ids"][len(ctx) :]
+            logits = reference_logits(lm.model, ctx + cont, len(ctx), [steering], lm.layers)
+            logp = torch.log_softmax(logits, -1)
+            want.append(sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont)))
+        assert got == pytest.approx(want, abs=1e-4)
+        right += int(max(range(len(want)), key=want.__getitem__) == sample["target"])
+    assert on["results"]["steer_mc"]["acc,none"] == pytest.approx(right / 6)
 
 
 def test_loglikelihood_equals_a_plain_forward(setup):
-    import torch
 
     from steerlab.evaluation.harness import SteerlabLM
 

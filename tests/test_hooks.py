@@ -8,11 +8,13 @@ import pytest
 import tiny
 import torch
 from helpers import (
+    EQUIV_ARCHS,
     PERSISTING,
     STEPS,
     make_steering,
     prompt_ids,
     random_vector,
+    run_threads,
 )
 
 from steerlab import Sampling, Steering, SteerlabError, decode, steer
@@ -24,43 +26,36 @@ from steerlab.hf.reference import reference_generate
 GREEDY = Sampling(max_new_tokens=STEPS, stop_at_eos=False)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2"])
+@pytest.fixture(scope="module", params=EQUIV_ARCHS)
+def arch_model(request):
+    return tiny.model(request.param)
+
+
 @pytest.mark.parametrize("policy", PERSISTING)
-def test_hf_generate_with_cache_equals_reference(arch, policy):
-    """steer() around the model's own generate(): cached == uncached recomputation."""
-    lm = tiny.model(arch)
+def test_hf_generate_padded_per_row_batch_equals_reference(arch_model, policy):
+    """steer(per_row=...) around the model's own generate() on a left-padded batch of three
+    prompts of different lengths: each row (steered by the policy, unsteered, steered by
+    another vector and multiplier) equals its own uncached recomputation."""
+    lm = arch_model
     s = make_steering(lm, policy)
-    seq = prompt_ids(lm)[0]
-    with steer(lm.model, s, tokenizer=lm.tokenizer):
-        gen = lm.model.generate(
-            torch.tensor([seq]),
-            attention_mask=torch.ones(1, len(seq), dtype=torch.long),
-            max_new_tokens=STEPS,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    ref, _ = reference_generate(lm.model, seq, [s], STEPS, lm.layers, lm.tokenizer)
-    assert gen[0, len(seq) :].tolist() == ref
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_hf_generate_left_padded_batch_equals_one_by_one(arch):
-    lm = tiny.model(arch)
-    s = make_steering(lm, "after-prompt")
+    other = Steering(random_vector(lm, [2], seed=9), -3.0, policy=Policy("all"))
+    rows = [[s], [], [s.with_multiplier(-2.0), other]]
     seqs = prompt_ids(lm)
-    ids, mask = pad_batch(seqs, 0)
-    with steer(lm.model, s):
+    assert len({len(q) for q in seqs}) == 3  # the batch is really padded
+    pad = lm.tokenizer.pad_token_id
+    ids, mask = pad_batch(seqs, pad)
+    with steer(lm.model, per_row=rows, tokenizer=lm.tokenizer):
         gen = lm.model.generate(
-            ids, attention_mask=mask, max_new_tokens=STEPS, do_sample=False, pad_token_id=0
+            ids, attention_mask=mask, max_new_tokens=STEPS, do_sample=False, pad_token_id=pad
         )
     for r, seq in enumerate(seqs):
-        ref, _ = reference_generate(lm.model, seq, [s], STEPS, lm.layers)
-        assert gen[r, ids.shape[1] :].tolist() == ref
+        ref, _ = reference_generate(lm.model, seq, rows[r], STEPS, lm.layers, lm.tokenizer)
+        assert gen[r, ids.shape[1] :].tolist() == ref, r
 
 
-def test_after_prompt_equals_steering_newest_token(llama):
+def test_after_prompt_equals_steering_newest_token(arch_model):
     """(4) With a cache, after-prompt is the same intervention as 'steer the newest token'."""
-    lm = llama
+    lm = arch_model
     s = make_steering(lm, "after-prompt")
     seq = prompt_ids(lm)[0]
     delta = {layer: s.delta(layer) for layer in s.layers}
@@ -90,10 +85,10 @@ def test_after_prompt_equals_steering_newest_token(llama):
     assert ours.tolist() == newest.tolist()
 
 
-def test_generated_tokens_stay_steered_with_cache(llama):
+def test_generated_tokens_stay_steered_with_cache(arch_model):
     """(6) The steering-vectors bug (#60): with a KV cache the generated tokens were no longer
     steered, because the hook compared against the current call's length (1 token)."""
-    lm = llama
+    lm = arch_model
     s = make_steering(lm, "after-prompt", 6.0)
     seq = prompt_ids(lm)[0]
     seen: list[torch.Tensor] = []
@@ -194,47 +189,87 @@ def test_two_threads_with_different_vectors_do_not_interfere(llama):
     for v in vecs:
         with steer(lm.model, v, policy="all"):
             expected.append(lm.model(ids).logits)
-    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
     barrier = threading.Barrier(2)
 
-    def work(i):
+    def work(i: int) -> list[torch.Tensor]:
         barrier.wait()
+        got = []
         for _ in range(20):
             with steer(lm.model, vecs[i], policy="all"):
-                results[i].append(lm.model(ids).logits)
+                got.append(lm.model(ids).logits)
+        return got
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_threads([(work, 0), (work, 1)])  # a worker's exception fails the test here
     for i in (0, 1):
+        assert len(results[i]) == 20
         for got in results[i]:
             torch.testing.assert_close(got, expected[i], atol=1e-5, rtol=0)
 
 
-def test_sampling_and_beam_search_run_under_steer(llama):
+def _newest_token_hooks(lm, steerings: dict[int, torch.Tensor]):
+    """Independent of steer(): add a row's delta at the newest position of every forward
+    (``steerings`` maps a batch row to its [d] delta at layer 1; other rows get nothing)."""
+
+    def hook(module, args, output):
+        h = block_output(output).clone()
+        for row, delta in steerings.items():
+            h[row, -1] += delta
+        return output.__class__((h, *output[1:])) if isinstance(output, tuple) else h
+
+    return lm.layers.blocks[1].register_forward_hook(hook)
+
+
+def test_sampling_under_steer_equals_an_independent_newest_token_hook(llama):
+    """Sampling with a seed under steer(after-prompt) draws the same tokens as the same
+    seeded sampling with a hand-written hook that adds v at the newest position."""
     lm = llama
-    s = make_steering(lm, "after-prompt")
+    vec = random_vector(lm, [1], seed=4)
     ids = torch.tensor([prompt_ids(lm)[0]])
-    with steer(lm.model, s):
-        sampled = lm.model.generate(ids, max_new_tokens=8, do_sample=True, top_k=0, pad_token_id=0)
-        beams = lm.model.generate(
-            ids, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0
-        )
-    assert sampled.shape[1] > ids.shape[1] and beams.shape[1] > ids.shape[1]
+    kwargs = dict(max_new_tokens=12, do_sample=True, top_k=0, temperature=1.0, pad_token_id=0)
+    torch.manual_seed(7)
+    with steer(lm.model, vec, multiplier=6.0, layers=[1]):
+        ours = lm.model.generate(ids, **kwargs)
+    handle = _newest_token_hooks(lm, {0: 6.0 * vec.directions[1]})
+    try:
+        torch.manual_seed(7)
+        theirs = lm.model.generate(ids, **kwargs)
+    finally:
+        handle.remove()
+    torch.manual_seed(7)
+    plain = lm.model.generate(ids, **kwargs)
+    assert ours.tolist() == theirs.tolist() and ours.tolist() != plain.tolist()
     seeded = [
         decode(
-            lm.model,
-            ids,
-            torch.ones_like(ids),
-            [s],
-            Sampling(8, temperature=0.8, seed=3, stop_at_eos=False),
-            layer_map=lm.layers,
+            lm.model, ids, torch.ones_like(ids), [Steering(vec, 6.0)],
+            Sampling(8, temperature=0.8, seed=3, stop_at_eos=False), layer_map=lm.layers,
         ).tokens
         for _ in range(2)
-    ]
+    ]  # fmt: skip
     assert torch.equal(seeded[0], seeded[1])
+
+
+def test_beam_search_maps_each_beam_to_its_source_row(llama):
+    """Beam search with num_return_sequences repeats each row num_beams times; with per-row
+    steering every beam must carry its own row's vector: each row's returned sequences equal
+    that row searched alone, and the two rows' steerings are not swapped."""
+    lm = llama
+    a, b = random_vector(lm, [1], seed=4), random_vector(lm, [1], seed=5)
+    rows = [[Steering(a, 6.0)], [Steering(b, -6.0)]]
+    seqs = [lm.tokenizer(p)["input_ids"] for p in ("hello there", "good night!")]
+    assert len(seqs[0]) == len(seqs[1])  # no padding: the mapping is what is tested
+    kwargs = dict(
+        max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0
+    )
+    with steer(lm.model, per_row=rows):
+        together = lm.model.generate(torch.tensor(seqs), **kwargs)
+    assert together.shape[0] == 4
+    for r, seq in enumerate(seqs):
+        with steer(lm.model, rows[r]):
+            alone = lm.model.generate(torch.tensor([seq]), **kwargs)
+        assert together[2 * r : 2 * r + 2].tolist() == alone.tolist(), r
+    with steer(lm.model, per_row=rows[::-1]):
+        swapped = lm.model.generate(torch.tensor(seqs), **kwargs)
+    assert swapped.tolist() != together.tolist()
 
 
 def test_invalid_combinations_are_one_line_errors(llama):

@@ -250,7 +250,11 @@ def test_real_model_readme_screenshots(browser, tmp_path):
     try:
         page.goto(page_path.as_uri())
         assert page.eval_on_selector_all("#tokens .tok", "els => els.length") == len(view.values)
-        assert "AUC" in page.inner_text("#contrast") and page.is_visible("#histogram")
+        # the page's AUC is the Mann-Whitney statistic of the two score lists, by hand
+        pos, neg = result.positive, result.negative
+        auc = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
+        assert f"AUC {auc:.3f} at layer 9" in page.inner_text("#contrast")
+        assert len(pos) == len(neg) == 60 and page.is_visible("#histogram")
         shots["inspect.png"] = ARTIFACTS / "inspect.png"
         page.screenshot(path=str(shots["inspect.png"]), full_page=True)
     finally:

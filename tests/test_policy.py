@@ -91,3 +91,58 @@ def test_check_marker():
     check_marker(Policy("all"), "anything")
     with pytest.raises(SteerlabError, match="does not occur"):
         check_marker(Policy.parse("from-marker:ZZZ"), "a [/INST] b")
+
+
+class _Pieces:
+    """A tokenizer whose token i decodes to ``pieces[i]``: markers pinned by hand."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "marker", "index"),
+    [
+        # a multi-token marker ends at its last token (CAA's "]" of "[/INST]")
+        (["<s>", "User", ":", " hi", " [/", "INST", "]", " ok"], "[/INST]", 6),
+        # a repeated marker: the last occurrence
+        (["<s>", "[/", "INST", "]", " a", " [/", "INST", "]", " b"], "[/INST]", 7),
+        # the BOS token itself
+        (["<s>", "x", "y"], "<s>", 0),
+        # split across token boundaries: it ends inside a token
+        (["ab", "cd", "ef"], "bc", 1),
+        (["ab", "cd", "ef"], "bcde", 2),
+        # occurrences that straddle tokens, twice
+        (["xa", "bxa", "b"], "ab", 2),
+        # overlapping occurrences: the last one ends at the last token
+        (["a", "a", "a"], "aa", 2),
+        (["\n", "\n", "\n", "x"], "\n\n", 2),
+        # one character marker at the very end
+        (["q", "u", "?"], "?", 2),
+    ],
+)
+def test_marker_end_hand_computed(pieces, marker, index):
+    from steerlab.core.policy import marker_end
+
+    assert marker_end(_Pieces(pieces), list(range(len(pieces))), marker) == index
+
+
+def test_marker_end_on_a_real_tokenizer_with_bos_and_chat_template():
+    import tiny
+
+    from steerlab.core.policy import marker_end
+    from steerlab.core.prompts import prompt_ids
+
+    tok = tiny.tokenizer()
+    ids = prompt_ids(tok, "say [/INST] twice [/INST] ok", chat=True)
+    text = tok.decode(ids)
+    assert text.startswith("<s>user: say")
+    # counted by hand on the rendered text: the character tokenizer has one token per
+    # character after the BOS token, whose text "<s>" is one token
+    last = text.rindex("[/INST]") + len("[/INST]") - 1  # the "]" of the last marker
+    assert marker_end(tok, ids, "[/INST]") == last - len("<s>") + 1
+    bos = [i for i, t in enumerate(ids) if t == tok.bos_token_id]
+    assert len(bos) == 2 and marker_end(tok, ids, "<s>") == bos[-1]  # the assistant turn's

@@ -4,14 +4,13 @@ on loopback and every loop is bounded."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
 import pytest
 import tiny
 import torch
-from helpers import random_vector, start_server
+from helpers import random_vector, run_threads, start_server
 
 from steerlab.formats import save_vector
 from steerlab.serving.app import Limits, Security, create_app, load_vectors
@@ -62,41 +61,31 @@ def _timed(base: str, body: dict) -> float:
     return time.monotonic() - start
 
 
-def _abandon(base: str, body: dict, after: float) -> None:
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(base + CHAT, json=body, timeout=after)
+def _abandon(base: str, body: dict, after: float) -> str:
+    """Send a request and give up after ``after`` seconds; what happened, for the main thread."""
+    try:
+        r = httpx.post(base + CHAT, json=body, timeout=after)
+    except httpx.TimeoutException:
+        return "gave up"
+    return f"answered {r.status_code} within {after} s"
 
 
 def test_1_abandoned_requests_stop_and_the_next_one_is_served_promptly(slow_server):
     baseline = _timed(slow_server, _body(max_tokens=4))
     # Six clients give up on 200-token requests (about 4 s if they ran on).
-    threads = [
-        threading.Thread(target=_abandon, args=(slow_server, _body(max_tokens=200), 0.3))
-        for _ in range(6)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = run_threads([(_abandon, slow_server, _body(max_tokens=200), 0.3)] * 6)
+    assert outcomes == ["gave up"] * 6, outcomes
     time.sleep(0.5)  # the server notices a closed connection within its poll interval
     after = _timed(slow_server, _body(max_tokens=4))
     assert after < baseline + 2.5, (baseline, after)  # a loaded CI machine needs slack
 
 
 def test_1_a_full_queue_answers_503_with_retry_after(slow_server):
-    results: list[httpx.Response] = []
-    lock = threading.Lock()
+    def ask() -> httpx.Response:
+        return httpx.post(slow_server + CHAT, json=_body(max_tokens=40), timeout=60)
 
-    def ask() -> None:
-        r = httpx.post(slow_server + CHAT, json=_body(max_tokens=40), timeout=60)
-        with lock:
-            results.append(r)
-
-    threads = [threading.Thread(target=ask) for _ in range(24)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_threads([(ask,)] * 24)
+    assert len(results) == 24
     codes = sorted(r.status_code for r in results)
     assert 200 in codes and 503 in codes, codes
     busy = next(r for r in results if r.status_code == 503)
@@ -151,19 +140,12 @@ def test_3_rows_on_learned_position_models_stop_at_their_own_length():
         long = {"model": "tiny", "prompt": "a" * 240, "max_tokens": 4}
         short = {"model": "tiny", "prompt": "hello", "max_tokens": 100}
         alone = [httpx.post(base + "/v1/completions", json=b, timeout=60) for b in (long, short)]
-        results: dict[int, httpx.Response] = {}
 
-        def ask(i: int, body: dict) -> None:
-            results[i] = httpx.post(base + "/v1/completions", json=body, timeout=60)
+        def ask(body: dict) -> httpx.Response:
+            return httpx.post(base + "/v1/completions", json=body, timeout=60)
 
         for _ in range(3):  # the two together, several times, so they share a batch
-            threads = [
-                threading.Thread(target=ask, args=(i, b)) for i, b in enumerate((long, short))
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            results = run_threads([(ask, long), (ask, short)])
             for i in (0, 1):
                 assert results[i].status_code == 200, results[i].text
                 assert (

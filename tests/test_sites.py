@@ -135,3 +135,67 @@ def test_a_condition_is_read_at_its_vectors_site(llama):
     seq = prompt_ids(lm)[1]
     want = float((_site_output(lm, "mlp", 2, seq) @ cond.unit()).mean())
     assert prompt_scores(lm.model, lm.layers, [seq], cond)[0] == pytest.approx(want, abs=1e-5)
+
+
+# Written by hand from each architecture's modeling code, independently of
+# steerlab.hf.layers: where the block lives, and the module whose *input* is the residual
+# stream right after the attention has been added to it (None: a parallel block, whose MLP
+# does not read the attention's output).
+_BLOCK = {
+    "llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
+    "phi3": "model.layers", "gemma2": "model.layers", "gpt2": "transformer.h",
+    "gpt_neox": "gpt_neox.layers", "opt": "model.decoder.layers",
+}  # fmt: skip
+_AFTER_ATTENTION = {
+    "llama": "post_attention_layernorm", "mistral": "post_attention_layernorm",
+    "qwen2": "post_attention_layernorm", "phi3": "post_attention_layernorm",
+    "gemma2": "pre_feedforward_layernorm", "gpt2": "ln_2", "opt": "final_layer_norm",
+    "gpt_neox": None,
+}  # fmt: skip
+
+
+def test_the_attention_site_against_hand_arithmetic_on_the_residual_stream(arch_model):
+    """Steering the attention site of block 2 adds alpha*v to the residual stream right after
+    the attention, before the MLP reads it: that stream equals the unsteered one plus
+    alpha*v at every position, and for a parallel block (GPT-NeoX) the block's output does."""
+    lm = arch_model
+    arch = lm.info.architecture
+    block = lm.model
+    for name in _BLOCK[arch].split("."):
+        block = getattr(block, name)
+    block = block[2]
+    v = random_vector(lm, [2], seed=12)
+    alpha = 3.0
+    seq = prompt_ids(lm)[1]
+    ids = torch.tensor([seq])
+
+    def run(steering) -> tuple[torch.Tensor, torch.Tensor]:
+        seen: dict[str, torch.Tensor] = {}
+        handles = [
+            block.register_forward_hook(
+                lambda m, a, out: seen.__setitem__("out", (out[0] if isinstance(out, tuple) else out).reshape(len(seq), -1).clone())
+            )
+        ]  # fmt: skip
+        if _AFTER_ATTENTION[arch] is not None:
+            handles.append(
+                getattr(block, _AFTER_ATTENTION[arch]).register_forward_pre_hook(
+                    lambda m, a: seen.__setitem__("mid", a[0].reshape(len(seq), -1).clone())
+                )
+            )
+        try:
+            with torch.no_grad(), steer(lm.model, steering, prompt_lengths=[len(seq)]):
+                lm.model(input_ids=ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return seen.get("mid", seen["out"]), seen["out"]
+
+    plain_mid, _ = run([])
+    steered_mid, _ = run([Steering(v, alpha, policy="all", site="attn")])
+    torch.testing.assert_close(steered_mid, plain_mid + alpha * v.directions[2], atol=1e-5, rtol=0)
+    # after-prompt: only position P-1 of the prompt
+    after_mid, _ = run([Steering(v, alpha, policy="after-prompt", site="attn")])
+    torch.testing.assert_close(after_mid[:-1], plain_mid[:-1], atol=0, rtol=0)
+    torch.testing.assert_close(
+        after_mid[-1], plain_mid[-1] + alpha * v.directions[2], atol=1e-5, rtol=0
+    )

@@ -168,23 +168,31 @@ class Policy:
         return self.kind
 
 
+def _occurrences(text: str, marker: str) -> int:
+    """How many times ``marker`` occurs in ``text``, overlapping occurrences included."""
+    count, at = 0, text.find(marker)
+    while at >= 0:
+        count, at = count + 1, text.find(marker, at + 1)
+    return count
+
+
 def marker_end(tokenizer: object, prompt_ids: list[int], marker: str) -> int:
     """Index of the token that ends the last occurrence of ``marker`` in the prompt.
 
-    Found by bisection on the decoded prefix, so markers split across tokens work.
+    Found by bisection on the decoded prefix, so markers split across tokens work, and
+    overlapping occurrences count (the last ``"\n\n"`` of ``"\n\n\n"`` ends at the third).
 
     Raises:
         SteerlabError: the marker does not occur in the prompt.
     """
     decode = getattr(tokenizer, "decode")  # noqa: B009
-    full = decode(prompt_ids)
-    count = full.count(marker)
+    count = _occurrences(decode(prompt_ids), marker)
     if count == 0:
         raise marker_missing(marker)
     lo, hi = 0, len(prompt_ids) - 1
     while lo < hi:  # smallest t such that prompt[: t + 1] holds all `count` occurrences
         mid = (lo + hi) // 2
-        if decode(prompt_ids[: mid + 1]).count(marker) >= count:
+        if _occurrences(decode(prompt_ids[: mid + 1]), marker) >= count:
             hi = mid
         else:
             lo = mid + 1

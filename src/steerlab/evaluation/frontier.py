@@ -7,7 +7,10 @@ token, perplexity under the unsteered model, distinct-2), each with a 95% bootst
 interval over prompts. Each policy's cells, in multiplier order from the baseline, form its
 frontier; the cost of every policy is read off at one shared shift by linear
 interpolation, inside the same bootstrap (so the intervals include the uncertainty of
-where the shift is reached). See docs/design.md, "Persisting or transient".
+where the shift is reached). No resample is dropped: one in which a policy never reaches
+the shift counts as an unbounded cost (see :func:`unconditional`), and the default shift is
+one every policy that moves behaviour at all reaches in at least 97.5% of resamples.
+See docs/design.md, "Evaluation".
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ class FrontierConfig:
         multipliers: nonzero multipliers of one sign (the baseline, 0, is always added).
         policies: the policies compared; the first is the reference for differences.
         direction: ``increase`` or ``decrease``: the sign of the behaviour shift sought.
-        shift: the shift the costs are read at (default: half the smallest largest shift
-            any policy reaches, so that every policy reaches it).
+        shift: the shift the costs are read at (default: the smallest of the shifts each
+            policy reaches in 97.5% of bootstrap resamples, over the policies for which that
+            shift is positive).
         max_new_tokens: greedy tokens per completion.
         seed: bootstrap seed.
         batch_rows: most rows per padded batch of cells.
@@ -108,6 +112,11 @@ class _Items:
         }
 
 
+def _unbounded(samples: torch.Tensor) -> torch.Tensor:
+    """Resamples that never reach the shift (NaN from :func:`read_at`) as +inf."""
+    return torch.where(torch.isnan(samples), math.inf, samples)
+
+
 def read_at(shift: torch.Tensor, value: torch.Tensor, target: float) -> torch.Tensor:
     """``value`` ``[B, P]`` interpolated linearly at the first point where ``shift`` ``[B, P]``
     (along a path that starts at 0) reaches ``target``; NaN where it never does."""
@@ -123,12 +132,92 @@ def read_at(shift: torch.Tensor, value: torch.Tensor, target: float) -> torch.Te
 
 
 def _interval(samples: torch.Tensor, point: float) -> list[float]:
-    """[point estimate, lo, hi] from the resamples that are not NaN."""
+    """[point estimate, lo, hi] of a cell's number from the resamples that are not NaN."""
     kept = samples[~torch.isnan(samples)]
     if kept.numel() == 0:
         return [point, float("nan"), float("nan")]
     lo, hi = torch.quantile(kept, torch.tensor([0.025, 0.975], dtype=kept.dtype)).tolist()
     return [point, float(lo), float(hi)]
+
+
+def _quantile(values: torch.Tensor, q: float) -> float:
+    """The ``q`` quantile (linear interpolation, as ``torch.quantile``) of values that may be
+    infinite; between a finite and an infinite neighbour it takes the one in the tail."""
+    ordered = values.sort().values
+    pos = q * (ordered.numel() - 1)
+    i = int(pos)
+    a, b = float(ordered[i]), float(ordered[min(i + 1, ordered.numel() - 1)])
+    frac = pos - i
+    if frac == 0.0 or a == b:
+        return a
+    if math.isinf(a) or math.isinf(b):
+        return a if q < 0.5 else b
+    return a + frac * (b - a)
+
+
+def unconditional(samples: torch.Tensor, point: float) -> list[float]:
+    """[point estimate, lo, hi] over *every* resample, none dropped.
+
+    A reading's resamples are infinite where a policy never reaches the shift (its cost is
+    unbounded: it cannot get there), and NaN where two policies both never reach it (their
+    difference is unknown, so it counts as -inf for the lower end and +inf for the upper
+    one). An end is infinite when more than 2.5% of the resamples put it there.
+    """
+    nan = torch.isnan(samples)
+    lo = _quantile(torch.where(nan, -math.inf, samples), 0.025)
+    hi = _quantile(torch.where(nan, math.inf, samples), 0.975)
+    return [point, lo, hi]
+
+
+def reliable_shift(reach: torch.Tensor) -> float:
+    """The largest shift a policy reaches in at least 97.5% of resamples (``reach`` ``[B]``:
+    each resample's largest shift on the policy's path)."""
+    return _quantile(reach, 0.025)
+
+
+def read_policies(
+    full: dict[str, torch.Tensor],
+    boot: dict[str, torch.Tensor],
+    paths: dict[str, list[int]],
+    path: Sequence[float],
+    target: float,
+) -> list[dict[str, Any]]:
+    """Each policy's multiplier and costs at shift ``target``, with unconditional intervals.
+
+    Args:
+        full: every cell's shift and costs on all prompts (each ``[1, cells]``).
+        boot: the same per bootstrap resample (each ``[B, cells]``).
+        paths: per policy, its cells from the baseline outwards (the first policy is the
+            reference of the paired differences).
+        path: the multipliers along every path (0 first).
+    """
+    policies = list(paths)
+    resamples = boot["shift"].shape[0]
+    mults = torch.tensor(list(path), dtype=torch.float64)
+    ref: dict[str, tuple[float, torch.Tensor]] = {}
+    readings = []
+    for p in policies:
+        idx = paths[p]
+        reading: dict[str, Any] = {"policy": p}
+        shift_b, shift_f = boot["shift"][:, idx], full["shift"][:, idx]
+        # A resample in which the policy never reaches the shift is a result, not a gap:
+        # the multiplier and the costs it would take are unbounded there (+inf).
+        reached = read_at(shift_b, mults.expand(resamples, -1), target)
+        reading["reached"] = float((~torch.isnan(reached)).double().mean())
+        point_m = float(read_at(shift_f, mults[None], target)[0])
+        reading["multiplier"] = unconditional(_unbounded(reached), point_m)
+        for key in COSTS:
+            samples = _unbounded(read_at(shift_b, boot[key][:, idx], target))
+            point = float(read_at(shift_f, full[key][:, idx], target)[0])
+            reading[key] = unconditional(samples, point)
+            if p == policies[0]:
+                ref[key] = (point, samples)
+            else:
+                reading[f"{key}_minus_{policies[0]}"] = unconditional(
+                    samples - ref[key][1], point - ref[key][0]
+                )
+        readings.append(reading)
+    return readings
 
 
 def run_frontier(
@@ -201,32 +290,16 @@ def run_frontier(
     paths = {p: [0] + [1 + i * (len(config.path) - 1) + j for j in range(len(config.path) - 1)]
              for i, p in enumerate(policies)}  # fmt: skip
     reach = {p: float(full["shift"][0, paths[p]].max()) for p in policies}
+    # Each policy's shift reached in 97.5% of resamples; the costs are read by default at
+    # the smallest such shift among the policies that reliably move behaviour at all, so
+    # every one of them reaches it in at least 97.5% of resamples.
+    sure = {p: reliable_shift(boot["shift"][:, paths[p]].max(-1).values) for p in policies}
     target = config.shift
-    if target is None and min(reach.values()) > 0:
-        target = 0.5 * min(reach.values())
-    readings = []
-    if target is not None:
-        mults = torch.tensor(config.path, dtype=torch.float64)
-        ref: dict[str, tuple[float, torch.Tensor]] = {}
-        for p in policies:
-            idx = paths[p]
-            reading: dict[str, Any] = {"policy": p}
-            shift_b, shift_f = boot["shift"][:, idx], full["shift"][:, idx]
-            reached = read_at(shift_b, mults.expand(resamples, -1), target)
-            reading["reached"] = float((~torch.isnan(reached)).double().mean())
-            point_m = float(read_at(shift_f, mults[None], target)[0])
-            reading["multiplier"] = _interval(reached, point_m)
-            for key in COSTS:
-                samples = read_at(shift_b, boot[key][:, idx], target)
-                point = float(read_at(shift_f, full[key][:, idx], target)[0])
-                reading[key] = _interval(samples, point)
-                if p == policies[0]:
-                    ref[key] = (point, samples)
-                else:
-                    reading[f"{key}_minus_{policies[0]}"] = _interval(
-                        samples - ref[key][1], point - ref[key][0]
-                    )
-            readings.append(reading)
+    if target is None and any(v > 0 for v in sure.values()):
+        target = min(v for v in sure.values() if v > 0)
+    readings = [] if target is None else read_policies(full, boot, paths, config.path, target)
+    for reading in readings:
+        reading["reliable_shift"] = sure[reading["policy"]]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(table, out_dir, "frontier")
     result = {
@@ -235,6 +308,7 @@ def run_frontier(
         "prompts": n,
         "shift": target,
         "reach": reach,
+        "reliable_reach": sure,
         "cells": table,
         "readings": readings,
         "behaviour": behaviour_label,

@@ -14,12 +14,18 @@ COST_NAMES = {"kl": "KL per token", "perplexity": "perplexity", "distinct2": "di
 
 
 def ci_text(values: list[float], digits: int = 3) -> str:
+    """``point [lo, hi]``; an infinite end (a policy that does not reach the shift in more
+    than 2.5% of resamples) is written ``inf``."""
     point, lo, hi = values
     if not math.isfinite(point):
         return "not reached"
-    if not (math.isfinite(lo) and math.isfinite(hi)):
+    if math.isnan(lo) or math.isnan(hi):
         return f"{point:.{digits}f}"
-    return f"{point:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+    def end(x: float) -> str:
+        return f"{x:.{digits}f}" if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+    return f"{point:.{digits}f} [{end(lo)}, {end(hi)}]"
 
 
 def frontier_plot(result: dict[str, Any], out_dir: Path) -> Path:
@@ -79,7 +85,11 @@ def frontier_report(result: dict[str, Any], out_dir: Path) -> Path:
         markdown_table(cells, ["policy", "multiplier", "shift", *COST_NAMES.values()]),
     ]
     if result["shift"] is None:
-        text += ["", "Some policy never shifts the behaviour: there is no equal shift to read."]
+        text += [
+            "",
+            "No policy shifts the behaviour in 97.5% of resamples: there is no equal shift to "
+            "read (pass --shift to read one anyway).",
+        ]
     else:
         ref = result["readings"][0]["policy"]
         readings = []
@@ -92,7 +102,8 @@ def frontier_report(result: dict[str, Any], out_dir: Path) -> Path:
                 f"perplexity minus {ref}": ci_text(
                     r.get(f"perplexity_minus_{ref}", [0.0, 0.0, 0.0])
                 ),
-                "reached in resamples": f"{100 * r['reached']:.0f}%",
+                "reached in resamples": f"{100 * r['reached']:.1f}%",
+                "shift reached in 97.5%": f"{r['reliable_shift']:+.3f}",
             }
             readings.append(row)
         text += [
@@ -101,7 +112,12 @@ def frontier_report(result: dict[str, Any], out_dir: Path) -> Path:
             "",
             "Each policy's cost where its frontier (cells by multiplier, from the baseline) "
             "first reaches the shift, by linear interpolation inside every bootstrap resample; "
-            "differences are paired (same resampled prompts).",
+            "differences are paired (same resampled prompts). No resample is dropped: where a "
+            "policy never reaches the shift its multiplier and costs count as infinite (it "
+            "cannot get there), and where two policies both never reach it their difference "
+            "counts against both ends; an end is `inf` when more than 2.5% of resamples put "
+            "it there. Unless --shift was given, the shift is the smallest of the shifts each "
+            "policy reaches in 97.5% of resamples (over the policies for which it is positive).",
             "",
             markdown_table(readings, list(readings[0])),
         ]

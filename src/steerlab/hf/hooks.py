@@ -337,7 +337,7 @@ def _coef_on(state: dict[str, Any], device: torch.device, dtype: torch.dtype) ->
 @contextmanager
 def steer(
     model: nn.Module,
-    vector: SteeringVector | Steering | Sequence[Steering],
+    vector: SteeringVector | Steering | Sequence[Steering] | None = None,
     *,
     multiplier: float = 1.0,
     layers: Sequence[int] | None = None,
@@ -358,7 +358,8 @@ def steer(
         model: a Hugging Face causal LM.
         vector: a vector (with ``multiplier``, ``layers``, ``policy``, ``scale``), one
             :class:`Steering`, or a list of them applied together.
-        per_row: instead of ``vector``'s steerings for every row, one list per batch row.
+        per_row: instead of ``vector``'s steerings for every row, one list per batch row
+            (``steer(model, per_row=[[s1], [], [s2, s3]])``).
         prompt_lengths: per-row prompt lengths; by default the first uncached forward
             (the prefill) defines them.
         tokenizer: needed for ``from-marker`` policies.
@@ -369,8 +370,12 @@ def steer(
         ...     out = model.generate(**inputs, max_new_tokens=32)
     """
     rows: Sequence[Steering] | Sequence[Sequence[Steering]]
+    if (vector is None) == (per_row is None):
+        raise SteerlabError(
+            "steer() takes a vector (or steerings) or per_row=, not both or neither"
+        )
     rows = (
-        per_row if per_row is not None else as_steerings(vector, multiplier, layers, policy, scale)
+        per_row if per_row is not None else as_steerings(vector, multiplier, layers, policy, scale)  # type: ignore[arg-type]
     )
     with Steerer(model, rows, layer_map, prompt_lengths, tokenizer) as steerer:
         yield steerer

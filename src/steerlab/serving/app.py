@@ -49,7 +49,7 @@ from steerlab.serving.service import (
     parse_body,
 )
 
-_POLL = 0.25  # seconds between disconnect checks while a non-streaming request waits
+_POLL = 0.25  # seconds between disconnect checks, for the whole life of a request
 
 __all__ = [
     "ApiError",
@@ -175,6 +175,7 @@ def create_app(
         deadline = time.monotonic() + limits.request_timeout
         job = Job(ids=ids, emit=emit, deadline=deadline, **params)
         _submit(job)
+        watch = _Watch(request, [job], events)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         tok = lm.tokenizer
@@ -183,7 +184,7 @@ def create_app(
             """(text delta, finish reason) as tokens arrive."""
             text = Text(tok)
             while True:
-                kind, value = await _next_event(events, request, [job], deadline)
+                kind, value = await _next_event(events, watch, deadline)
                 if kind == "error":
                     raise failure(value)
                 if kind == "done":
@@ -202,7 +203,7 @@ def create_app(
             except ClientGone:
                 return JSONResponse({}, status_code=499)  # nobody is left to read it
             finally:
-                job.cancelled.set()  # a no-op when it finished; frees the row when not
+                watch.stop()  # a no-op for a finished job; frees the row when not
             text = "".join(parts)
             return completion(rid, created, name, chat, text, reason, len(ids), tok)
 
@@ -234,7 +235,7 @@ def create_app(
             except ClientGone:
                 return
             finally:
-                job.cancelled.set()
+                watch.stop()
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -268,6 +269,7 @@ def create_app(
             for r, steering in enumerate(plan.rows)
         ]
         _submit(jobs)
+        watch = _Watch(request, jobs, events)
         tok = lm.tokenizer
         head = {
             "object": "steerlab.compare",
@@ -281,7 +283,7 @@ def create_app(
             try:
                 yield sse(head)
                 while open_rows:
-                    r, kind, value = await _next_event(events, request, jobs, deadline)
+                    r, kind, value = await _next_event(events, watch, deadline)
                     text = texts[r]
                     if kind == "token":
                         delta = text.add(int(value))
@@ -304,8 +306,7 @@ def create_app(
             except ClientGone:
                 return
             finally:
-                for job in jobs:
-                    job.cancelled.set()
+                watch.stop()
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -320,24 +321,47 @@ def create_app(
     return Guard(app, security, limits.max_body_bytes)
 
 
-async def _next_event(
-    events: "asyncio.Queue[Any]", request: Any, jobs: list[Job], deadline: float
-) -> Any:
-    """The next event; cancels ``jobs`` when the client leaves or time is up."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), _POLL)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                for job in jobs:
-                    job.cancelled.set()
-                raise ClientGone from None
-            if time.monotonic() > deadline + 1.0:
-                for job in jobs:
-                    job.cancelled.set()
-                raise ApiError(
-                    504, "the request ran past its deadline", kind="server_error"
-                ) from None
+class _Watch:
+    """Cancels a request's jobs the moment its client goes away, tokens flowing or not.
+
+    A task polls ``request.is_disconnected()`` every :data:`_POLL` seconds for the whole
+    life of the request and, when the client has left, cancels the jobs (the batcher frees
+    their rows at the next step) and wakes the reader with :data:`_GONE`.
+    """
+
+    def __init__(self, request: Any, jobs: list[Job], events: "asyncio.Queue[Any]") -> None:
+        self.jobs, self.events = jobs, events
+        self.task = asyncio.get_running_loop().create_task(self._run(request))
+
+    async def _run(self, request: Any) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(_POLL)
+        self.cancel()
+        self.events.put_nowait(_GONE)
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancelled.set()
+
+    def stop(self) -> None:
+        """The request is over: stop watching and free any row still running."""
+        self.task.cancel()
+        self.cancel()
+
+
+_GONE = object()  # the watcher's wake-up: the client left
+
+
+async def _next_event(events: "asyncio.Queue[Any]", watch: _Watch, deadline: float) -> Any:
+    """The next event; cancels the request's jobs when the client leaves or time is up."""
+    try:
+        item = await asyncio.wait_for(events.get(), max(deadline + 1.0 - time.monotonic(), 0.0))
+    except asyncio.TimeoutError:
+        watch.cancel()
+        raise ApiError(504, "the request ran past its deadline", kind="server_error") from None
+    if item is _GONE:
+        raise ClientGone
+    return item
 
 
 def serve(
