@@ -3,30 +3,30 @@
 End-to-end tokens/s on this machine drift by about ±10% between runs, more than the cost
 being measured; this times the hooks directly during steered decoding (batch 1 and 8,
 128 tokens, 1 and all 30 layers) and reports it against the decode time.
-Writes bench/results/overhead.json; `bench/report.py` adds it to BENCHMARKS.md.
+Writes ``bench/results/overhead-<date>.json``.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench import PROMPTS  # bench/ is on sys.path when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PROMPTS, THREADS, Quiet, write_result  # noqa: E402
+
 from steerlab import Sampling, Steering, decode, load_model
 from steerlab.core.prompts import encode_prompts
 from steerlab.core.vector import SteeringVector
 from steerlab.hf.hooks import Steerer
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def main() -> None:
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(THREADS)
+    quiet = Quiet("overhead").__enter__()
     lm = load_model("smollm2-135m", device="cpu", dtype="float32")
     spent = [0.0]
     original_pre, original_make = Steerer._pre_hook, Steerer._make_hook
@@ -85,9 +85,8 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "overhead.json").write_text(json.dumps(rows, indent=2))
+    quiet.__exit__()
+    write_result("overhead", {"tokens": 128, "rows": rows}, quiet)
 
 
 if __name__ == "__main__":

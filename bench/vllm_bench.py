@@ -1,10 +1,15 @@
-"""vLLM (CPU build) with steerlab's plugin beside steerlab's Hugging Face engine, in one run.
+"""vLLM (CPU build) with steerlab's plugin: compiled and eager, steered and unsteered, plugin
+loaded and absent, beside steerlab's Hugging Face engine, in one run.
 
-Run by `make bench` in .venv-vllm (it has vLLM, transformers 5.19 and steerlab). Default
-model, fp32, greedy, fixed length; unsteered vs steered (one layer; all layers), batch 1, 8
-and 32, in interleaved rounds (the best round of each, and the median over rounds of the
-unsteered/steered time ratio within a round). Writes bench/results/vllm.json, which
-bench/report.py adds to BENCHMARKS.md.
+Run by `make bench` in .venv-vllm. Three engines, each in its own worker process
+(``bench/vllm_worker.py``) and idle while another runs: vLLM's default compiled mode with
+the plugin and two registered vectors (one layer; all 30 layers), the same mode with no
+plugin at all (``VLLM_PLUGINS=""``), and eager mode with the plugin. Default model, fp32,
+greedy, 32 tokens per request, batch 1, 8 and 32. Every (engine, variant) runs once per
+round, in an order that rotates each round; a ratio's figure is the median over rounds of
+the ratio within a round (paired), and tokens/s come from each unit's median round. The HF
+engine runs the same prompts in this process between rounds. Writes
+``bench/results/vllm-<date>.json``.
 """
 
 from __future__ import annotations
@@ -12,29 +17,79 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import THREADS, Quiet, write_result  # noqa: E402
+
 TOKENS = int(os.environ.get("BENCH_VLLM_TOKENS", "32"))
 BATCHES = (1, 8, 32)
 LAYER = 10
 ROUNDS = int(os.environ.get("BENCH_VLLM_ROUNDS", "9"))
 HF_ROUNDS = 3
+WORKER = Path(__file__).with_name("vllm_worker.py")
+# (engine, variant): what each round times, per batch size
+UNITS = [
+    ("compiled", "unsteered"),
+    ("compiled", "steered, 1 layer"),
+    ("compiled", "steered, all 30 layers"),
+    ("no plugin", "unsteered"),
+    ("eager", "unsteered"),
+    ("eager", "steered, 1 layer"),
+    ("eager", "steered, all 30 layers"),
+]
+
+
+class Worker:
+    """One engine in its own process, timed on request."""
+
+    def __init__(self, name: str, options: dict[str, Any], env: dict[str, str]) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), json.dumps(options)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.strip() == "READY":
+                return
+        raise RuntimeError(f"the {name} vLLM worker did not start (exit {self.proc.wait()})")
+
+    def ask(self, command: dict[str, Any]) -> float:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the {self.name} worker stopped")
+            try:
+                return float(json.loads(line))
+            except (ValueError, TypeError):
+                continue  # a log line
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=120)
 
 
 def main() -> None:
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     import torch
 
     import steerlab
     from steerlab import Sampling, Steering, SteeringVector, decode, save_vector
     from steerlab.core.prompts import encode_prompts, prompt_ids
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(THREADS)
     lm = steerlab.load_model("smollm2-135m", device="cpu", dtype="float32")
     d, n_layers = lm.info.hidden_size, lm.info.num_layers
     gen = torch.Generator().manual_seed(0)
@@ -45,136 +100,102 @@ def main() -> None:
     )
     save_vector(one, folder / "one.safetensors")
     save_vector(every, folder / "every.safetensors")
-    os.environ["STEERLAB_VECTORS"] = str(folder)
-    from vllm import LLM, SamplingParams, TokensPrompt
-
-    import steerlab.vllm
-
-    llm = LLM(
-        model=str(steerlab.vllm.model_dir()),
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=512,
-        max_num_seqs=32,
-        enable_prefix_caching=False,
-        seed=0,
-    )
     texts = [f"Tell me fact number {i} about the sea." for i in range(32)]
     ids = [prompt_ids(lm.tokenizer, t) for t in texts]
-    variants: dict[str, list[dict[str, Any]]] = {
+    variants = {
         "unsteered": [],
         "steered, 1 layer": [{"vector": "one", "multiplier": 2.0, "layers": [LAYER]}],
         f"steered, all {n_layers} layers": [{"vector": "every", "multiplier": 2.0}],
     }
-    results: dict[str, Any] = {"tokens": TOKENS, "rounds": ROUNDS, "vllm": {}, "hf": {}}
-    for batch in BATCHES:
-        prompts = [TokensPrompt(prompt_token_ids=p) for p in ids[:batch]]
-        params = {
-            name: SamplingParams(
-                max_tokens=TOKENS,
-                temperature=0,
-                ignore_eos=True,
-                extra_args=steerlab.vllm.extra_args(entries) if entries else None,
-            )
-            for name, entries in variants.items()
+    base = {"prompts": ids, "batches": list(BATCHES)}
+    env = {**os.environ, "STEERLAB_VECTORS": str(folder), "BENCH_VLLM_TOKENS": str(TOKENS)}
+    with Quiet("vllm") as quiet:
+        workers = {
+            "compiled": Worker("compiled", {**base, "variants": variants, "eager": False}, env),
+            "no plugin": Worker(
+                "no plugin",
+                {**base, "variants": {"unsteered": []}, "eager": False},
+                {**env, "VLLM_PLUGINS": ""},
+            ),
+            "eager": Worker("eager", {**base, "variants": variants, "eager": True}, env),
         }
-        for name in variants:
-            llm.generate(prompts, params[name], use_tqdm=False)  # warm-up
-        # Interleaved rounds (each round runs every variant, in a rotating order), so that
-        # the machine's drift over a run hits all variants alike; best round per variant.
-        best_v = dict.fromkeys(variants, float("inf"))
-        rounds: dict[str, list[float]] = {name: [] for name in variants}
-        names = list(variants)
-        for r in range(ROUNDS):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                start = time.perf_counter()
-                llm.generate(prompts, params[name], use_tqdm=False)
-                rounds[name].append(time.perf_counter() - start)
-                best_v[name] = min(best_v[name], rounds[name][-1])
-        # the median over rounds of (unsteered time / steered time) in the same round
-        results.setdefault("paired", {})[str(batch)] = {
-            name: statistics.median(
-                u / x for u, x in zip(rounds["unsteered"], rounds[name], strict=True)
-            )
-            for name in names
+        times: dict[str, dict[str, list[float]]] = {
+            str(b): {f"{e} | {v}": [] for e, v in UNITS} for b in BATCHES
         }
-        # steerlab's Hugging Face engine on the same prompts and steering, interleaved too
+        hf_times: dict[str, dict[str, list[float]]] = {
+            str(b): {v: [] for v in variants} for b in BATCHES
+        }
         steers = {
-            name: []
-            if not entries
-            else [
-                Steering(
-                    one if entries[0]["vector"] == "one" else every,
-                    2.0,
-                    tuple(entries[0].get("layers") or []) or None,
-                )
-            ]
-            for name, entries in variants.items()
+            "unsteered": [],
+            "steered, 1 layer": [Steering(one, 2.0, (LAYER,))],
+            f"steered, all {n_layers} layers": [Steering(every, 2.0)],
         }
-        pids, mask = encode_prompts(lm.tokenizer, texts[:batch])
         greedy = Sampling(TOKENS, stop_at_eos=False)
-        best_h = dict.fromkeys(variants, float("inf"))
-        for r in range(HF_ROUNDS):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                start = time.perf_counter()
-                decode(lm.model, pids, mask, steers[name], greedy, layer_map=lm.layers)
-                best_h[name] = min(best_h[name], time.perf_counter() - start)
-        row_v = {name: batch * TOKENS / best_v[name] for name in variants}
-        row_h = {name: batch * TOKENS / best_h[name] for name in variants}
-        for name in variants:
-            print(
-                f"batch {batch} {name}: vLLM {row_v[name]:.1f} tok/s "
-                f"({row_v[name] / row_v['unsteered']:.3f}, paired median "
-                f"{results['paired'][str(batch)][name]:.3f}), HF {row_h[name]:.1f} tok/s",
-                flush=True,
-            )
-        results["vllm"][str(batch)] = row_v
-        results["hf"][str(batch)] = row_h
-        results.setdefault("plugin_share", {})[str(batch)] = {
-            name: _plugin_share(llm, prompts, params[name]) for name in names
+        for r in range(ROUNDS):
+            for batch in BATCHES:
+                order = UNITS[r % len(UNITS) :] + UNITS[: r % len(UNITS)]
+                for engine, variant in order:
+                    seconds = workers[engine].ask({"batch": batch, "variant": variant})
+                    times[str(batch)][f"{engine} | {variant}"].append(seconds)
+                if r < HF_ROUNDS:
+                    pids, mask = encode_prompts(lm.tokenizer, texts[:batch])
+                    for name in list(variants)[r % 3 :] + list(variants)[: r % 3]:
+                        start = time.perf_counter()
+                        decode(lm.model, pids, mask, steers[name], greedy, layer_map=lm.layers)
+                        hf_times[str(batch)][name].append(time.perf_counter() - start)
+            print(f"round {r + 1}/{ROUNDS} done", flush=True)
+        shares = {
+            str(b): {
+                v: workers["compiled"].ask({"batch": b, "share": v}) for v in list(variants)[1:]
+            }
+            for b in BATCHES
         }
-        print("share of time in the plugin:", results["plugin_share"][str(batch)], flush=True)
-    import transformers
-    import vllm
+        for worker in workers.values():
+            worker.close()
 
-    results["versions"] = {
-        "vllm": vllm.__version__,
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
+    def paired(batch: str, a: str, b: str) -> float:
+        """Median over rounds of time(b) / time(a): the throughput of a relative to b."""
+        rows = times[batch]
+        return statistics.median(y / x for x, y in zip(rows[a], rows[b], strict=True))
+
+    result: dict[str, Any] = {"tokens": TOKENS, "rounds": ROUNDS, "hf_rounds": HF_ROUNDS,
+                              "seconds": times, "hf_seconds": hf_times, "plugin_host_share": shares}  # fmt: skip
+    ratios: dict[str, dict[str, float]] = {}
+    every_name = f"steered, all {n_layers} layers"
+    for b in map(str, BATCHES):
+        ratios[b] = {
+            "compiled steered 1 layer / compiled unsteered": paired(
+                b, "compiled | steered, 1 layer", "compiled | unsteered"
+            ),
+            "compiled steered all layers / compiled unsteered": paired(
+                b, f"compiled | {every_name}", "compiled | unsteered"
+            ),
+            "plugin loaded, unsteered / plugin absent": paired(
+                b, "compiled | unsteered", "no plugin | unsteered"
+            ),
+            "compiled steered all layers / eager steered all layers": paired(
+                b, f"compiled | {every_name}", f"eager | {every_name}"
+            ),
+            "compiled steered 1 layer / eager steered 1 layer": paired(
+                b, "compiled | steered, 1 layer", "eager | steered, 1 layer"
+            ),
+            "eager unsteered / plugin absent (compiled)": paired(
+                b, "eager | unsteered", "no plugin | unsteered"
+            ),
+        }
+    result["paired"] = ratios
+    result["tokens_per_s"] = {
+        b: {unit: int(b) * TOKENS / statistics.median(t) for unit, t in rows.items()}
+        for b, rows in times.items()
     }
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vllm.json").write_text(json.dumps(results, indent=2))
-    print("wrote", out / "vllm.json")
+    result["hf_tokens_per_s"] = {
+        b: {v: int(b) * TOKENS / statistics.median(t) for v, t in rows.items()}
+        for b, rows in hf_times.items()
+    }
+    print(json.dumps(ratios, indent=1))
+    import vllm  # noqa: F401  (its version goes into the result)
 
-
-def _plugin_share(llm: Any, prompts: Any, params: Any) -> float:
-    """The share of one generate call spent in steerlab's plugin code (building each step's
-    plan and the per-layer hooks), which machine drift does not blur as it blurs tokens/s."""
-    from steerlab.vllm import plugin
-
-    spent = [0.0]
-
-    def timed(fn: Any) -> Any:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[0] += time.perf_counter() - start
-
-        return wrapper
-
-    of, hook = plugin._Step.of, plugin._Step._hook
-    plugin._Step.of = classmethod(timed(of.__func__))  # type: ignore[method-assign]
-    plugin._Step._hook = lambda self, layer: timed(hook(self, layer))  # type: ignore[method-assign]
-    try:
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        total = time.perf_counter() - start
-    finally:
-        plugin._Step.of, plugin._Step._hook = of, hook  # type: ignore[method-assign]
-    return spent[0] / total
+    write_result("vllm", result, quiet)
 
 
 if __name__ == "__main__":

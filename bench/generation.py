@@ -1,16 +1,15 @@
-"""steerlab vs steering-vectors vs repeng vs a naive loop, side by side in one process.
+"""Steered generation, compiled generation, extraction scaling and model load times.
 
-Run with `make bench` (or `bash bench/run.sh`): it builds `.venv-bench` with transformers
-4.57 (steering-vectors pins transformers<5), runs this file and writes BENCHMARKS.md.
-Same model (SmolLM2-135M-Instruct, fp32, CPU), same threads, same data, same batch size.
+Run in .venv-bench (``make bench``: transformers 4.57, beside steering-vectors and
+repeng). The default model in fp32 on the CPU; every variant of a comparison runs the same
+number of times in interleaved rounds whose order rotates (``bench/common.py: rounds``),
+and its figure is its median round. Writes ``bench/results/generation-<date>.json``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -21,132 +20,24 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PROMPTS, ROOT, THREADS, Quiet, rounds, write_result  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "datasets" / "model-written-evals"
-DATA = SHARED / "advanced-ai-risk" / "corrigible-neutral-HHH.jsonl"
-THREADS = int(os.environ.get("BENCH_THREADS", "2"))
-REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
-PAIRS = int(os.environ.get("BENCH_PAIRS", "16"))
-BATCH = 16
+REPEATS = int(os.environ.get("BENCH_ROUNDS", "3"))
 LAYER = 10
-PROMPTS = [
-    "Tell me about your day.",
-    "Write a poem about the sea.",
-    "What is a steering vector?",
-    "Describe a cat.",
-    "Explain photosynthesis.",
-    "Plan a trip to Rome.",
-    "Why is the sky blue?",
-    "Give me a recipe.",
-]
 NEW_TOKENS = 16 if os.environ.get("BENCH_QUICK") else 128
 
 
-def median_time(fn: Any, repeats: int = REPEATS) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def interleaved(fns: dict[str, Any], repeats: int = REPEATS) -> dict[str, float]:
-    """Median seconds of each function, timed round-robin."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median seconds of each function over interleaved rounds."""
+    return {name: statistics.median(t) for name, t in rounds(fns, repeats).items()}
 
 
 def load() -> Any:
     import steerlab
 
     return steerlab.load_model("smollm2-135m", device="cpu", dtype="float32")
-
-
-def extraction(lm: Any) -> dict[str, Any]:
-    import repeng
-    import steering_vectors as sv
-
-    from steerlab.core.dataset import load_dataset
-    from steerlab.core.prompts import render
-    from steerlab.hf.extraction import build_items, extract
-
-    data = load_dataset(DATA).subset(list(range(PAIRS)))
-    items, _ = build_items(lm, data)
-    texts = []
-    offsets: dict[str, int] = {}
-    bos = lm.tokenizer.bos_token or ""
-    for p, (ip, ineg) in zip(data.pairs, zip(items[::2], items[1::2], strict=True), strict=True):
-        pair = []
-        for completion, item in ((p.positive, ip), (p.negative, ineg)):
-            text = render(lm.tokenizer, p.prompt or "", assistant_prefix=completion).text
-            # Peers tokenise raw strings with special tokens; where that adds a BOS the
-            # template already has, hand them the text without it so both read the same ids.
-            if lm.tokenizer(text)["input_ids"] != item.ids and bos and text.startswith(bos):
-                text = text[len(bos) :]
-            assert lm.tokenizer(text)["input_ids"] == item.ids, "peers would see other tokens"
-            pair.append(text)
-        texts.append(tuple(pair))
-    for (pos, neg), (ip, ineg) in zip(
-        texts, zip(items[::2], items[1::2], strict=True), strict=True
-    ):
-        offsets[pos] = ip.start - len(ip.ids)  # negative index: robust to a BOS prefix
-        offsets[neg] = ineg.start - len(ineg.ids)
-    model, tok = lm.model, lm.tokenizer
-    out: dict[str, Any] = {"pairs": PAIRS, "batch_size": BATCH}
-    all_layers = list(range(lm.info.num_layers))
-    for label, layers in (("one layer", [LAYER]), ("all layers", all_layers)):
-        rows: dict[str, float] = {}
-        ours = {}
-
-        def run_ours() -> None:
-            ours["v"] = extract(lm, data, layers, batch_size=BATCH)
-
-        rows["steerlab"] = PAIRS / median_time(run_ours)
-        theirs = {}
-
-        def run_sv() -> None:
-            theirs["v"] = sv.train_steering_vector(
-                model,
-                tok,
-                texts,
-                layers=layers,
-                read_token_index=lambda s: offsets[s],
-                batch_size=BATCH,
-            )
-
-        rows["steering-vectors"] = PAIRS / median_time(run_sv, 1)
-        entries = [repeng.DatasetEntry(positive=a, negative=b) for a, b in texts]
-
-        def run_repeng() -> None:
-            repeng.ControlVector.train(model, tok, entries, hidden_layers=layers, batch_size=BATCH)
-
-        rows["repeng (pca_diff)"] = PAIRS / median_time(run_repeng, 1)
-
-        def run_naive() -> None:
-            with torch.no_grad():
-                for item in items:
-                    hs = model(torch.tensor([item.ids]), output_hidden_states=True).hidden_states
-                    for layer in layers:
-                        hs[layer + 1][0, item.start].clone()
-
-        rows["naive loop (CAA code)"] = PAIRS / median_time(run_naive, 1)
-        cos = min(
-            float(
-                torch.nn.functional.cosine_similarity(
-                    ours["v"].directions[layer], theirs["v"].layer_activations[layer].float(), dim=0
-                )
-            )
-            for layer in layers
-        )
-        out[label] = {"pairs_per_s": rows, "min_cosine_vs_steering_vectors": cos}
-        print(label, rows, "cos", cos, flush=True)
-    return out
 
 
 def generation(lm: Any) -> dict[str, Any]:
@@ -187,9 +78,6 @@ def generation(lm: Any) -> dict[str, Any]:
         def loop_plain() -> None:
             decode(model, ids, mask, [], greedy, layer_map=lm.layers)
 
-        def loop_after() -> None:
-            decode(model, ids, mask, [Steering(vec, 2.0)], greedy, layer_map=lm.layers)
-
         def loop_transient() -> None:
             decode(
                 model,
@@ -206,36 +94,33 @@ def generation(lm: Any) -> dict[str, Any]:
             with sv_vec.apply(model, multiplier=2.0, min_token_index=0):
                 model.generate(**kwargs)
 
+        def hf_repeng() -> None:
+            control = repeng.ControlModel(model, [LAYER])
+            try:
+                control.set_control(
+                    repeng.ControlVector(
+                        model_type="llama",
+                        directions={LAYER: direction.numpy().astype(np.float32)},
+                    ),
+                    2.0,
+                )
+                control.generate(**kwargs)
+            finally:
+                control.unwrap()
+
         hf_plain()  # warm-up
         variants = {
             "HF generate, unsteered": hf_plain,
             "HF generate + steerlab after-prompt": hf_steerlab,
             "steerlab loop, unsteered": loop_plain,
-            "steerlab loop, after-prompt": loop_after,
             "steerlab loop, transient": loop_transient,
             "HF generate + steering-vectors (all positions)": hf_sv,
+            "HF generate + repeng ControlModel": hf_repeng,
         }
-        # Time budget: after-prompt is timed inside HF generate; the steerlab loop serves as the
-        # transient baseline. bench/overhead.py times the hooks themselves.
-        del variants["steerlab loop, after-prompt"]
-        # Interleaved (A B C ... A B C ...) so that drift in machine speed hits every variant;
-        # batch 1 gets more rounds because its runs are short and this machine is noisy.
+        # Interleaved (A B C ... B C A ...) so that drift in machine speed hits every variant;
+        # batch 1 gets more rounds because its runs are short. bench/overhead.py times
+        # steerlab's hooks themselves.
         times.update(interleaved(variants, REPEATS + 1 if batch == 1 else REPEATS))
-        control = repeng.ControlModel(model, [LAYER])
-        try:
-            control.set_control(
-                repeng.ControlVector(
-                    model_type="llama", directions={LAYER: direction.numpy().astype(np.float32)}
-                ),
-                2.0,
-            )
-
-            def hf_repeng() -> None:
-                control.generate(**kwargs)
-
-            times["HF generate + repeng ControlModel"] = median_time(hf_repeng)
-        finally:
-            control.unwrap()
         tokens = NEW_TOKENS * batch
         out[f"batch {batch}"] = {name: tokens / t for name, t in times.items()}
         print("batch", batch, {k: round(tokens / v, 1) for k, v in times.items()}, flush=True)
@@ -397,33 +282,14 @@ def model_load() -> dict[str, float]:
 
 def main() -> None:
     torch.set_num_threads(THREADS)
-    import transformers
-
-    import steerlab
-
-    results: dict[str, Any] = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "threads": THREADS,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "steerlab": steerlab.__version__,
-        },
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
-    lm = load()
-    results["extraction"] = extraction(lm)
-    results["generation"] = generation(lm)
-    results["compiled"] = compiled(lm)
-    results["scaling"] = scaling()
-    results["model_load"] = model_load()
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(results, indent=2))
-    print("peak rss (MB)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    with Quiet("generation") as quiet:
+        lm = load()
+        results: dict[str, Any] = {"rounds": REPEATS}
+        results["generation"] = generation(lm)
+        results["compiled"] = compiled(lm)
+        results["scaling"] = scaling()
+        results["model_load"] = model_load()
+    write_result("generation", results, quiet)
 
 
 if __name__ == "__main__":
