@@ -130,6 +130,12 @@ def test_unconditional_intervals_and_the_reliable_shift():
     reach = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)
     assert reliable_shift(reach) == pytest.approx(0.025)
     assert float((reach >= reliable_shift(reach)).double().mean()) >= 0.975
+    # read at that shift, the upper end of the interval stays finite
+    for count in (200, 1000, 999):
+        reach = torch.rand(count, generator=torch.Generator().manual_seed(count))
+        target = reliable_shift(reach)
+        costs = torch.where(reach >= target, 1.0, math.inf).double()
+        assert math.isfinite(unconditional(costs, 1.0)[2]), count
 
 
 def test_an_explicit_shift_that_no_policy_reaches_reads_nothing(tmp_path):
@@ -193,7 +199,7 @@ def test_cli_frontier_writes_the_report_and_refuses_bad_input_first(tmp_path):
 @pytest.mark.parametrize("name", ["casual", "weddings"])
 def test_shipped_frontier_datasets_are_pairs_of_24_or_more(name):
     from steerlab.core.dataset import load_dataset
-    from steerlab.evaluation.demo import sentiment_dataset_path
+    from steerlab.core.files import sentiment_dataset_path
 
     data = load_dataset(sentiment_dataset_path().with_name(f"{name}.jsonl"))
     assert data.format == "pairs" and len(data.pairs) >= 24

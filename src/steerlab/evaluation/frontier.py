@@ -24,15 +24,15 @@ from typing import Any
 
 import torch
 
+from steerlab.core.engine import Engine
 from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import Policy
 from steerlab.core.vector import SteeringVector
 from steerlab.evaluation import stats
-from steerlab.evaluation.cells import Cell, cells_per_batch, score_cells
+from steerlab.evaluation.cells import score_cells
+from steerlab.evaluation.config import Cell, SweepConfig, cells_per_batch, write_table
 from steerlab.evaluation.frontier_report import COSTS, frontier_plot, frontier_report
 from steerlab.evaluation.judges import Judge
-from steerlab.evaluation.sweep import SweepConfig, write_table
-from steerlab.hf.model import LoadedModel
 
 FRONTIER_POLICIES = ("after-prompt", "transient", "all")
 
@@ -170,9 +170,13 @@ def unconditional(samples: torch.Tensor, point: float) -> list[float]:
 
 
 def reliable_shift(reach: torch.Tensor) -> float:
-    """The largest shift a policy reaches in at least 97.5% of resamples (``reach`` ``[B]``:
-    each resample's largest shift on the policy's path)."""
-    return _quantile(reach, 0.025)
+    """The largest shift a policy reaches in enough resamples that the upper 97.5% end of
+    an :func:`unconditional` interval at it stays finite (``reach`` ``[B]``: each resample's
+    largest shift on the policy's path); at least 97.5% of resamples reach it."""
+    ordered = reach.sort().values
+    count = ordered.numel()
+    misses = count - 1 - math.ceil(0.975 * (count - 1))  # infinite values the end tolerates
+    return float(ordered[max(misses, 0)])
 
 
 def read_policies(
@@ -221,7 +225,7 @@ def read_policies(
 
 
 def run_frontier(
-    lm: LoadedModel,
+    lm: Engine,
     vector: SteeringVector,
     prompts: Sequence[str],
     judge: Judge,
