@@ -158,12 +158,14 @@ def test_an_engine_without_the_unsteered_twin_refuses_explain(lm, monkeypatch):
     try:
         body = {"messages": MESSAGES, "steering": {"vector": "joy"}, "multipliers": [1]}
         assert service.compare({**body, "explain": 2}).explain == 2
-        monkeypatch.setattr(type(lm), "supports_explain", False)
+        from steerlab.core.engine import Capabilities
+
+        monkeypatch.setattr(type(lm), "capabilities", Capabilities(explain=False))
         with pytest.raises(ApiError, match="explain 0, or serve with the Hugging Face engine"):
             service.compare({**body, "explain": 2})
         assert service.compare(body).explain == 0  # unexplained rows still run
     finally:
-        service.batcher.close()
+        service.runner.close()
 
 
 def test_the_sweep_endpoint_gives_the_recommendation_and_the_plots(served):

@@ -135,7 +135,7 @@ def test_concurrent_requests_do_not_leak_steering(client):
         (
             {"steering": [{"vector": "happy", "multiplier": 1, "layers": [7]}]},
             400,
-            "has no layer 7",
+            "layer 7 does not exist in the served model",
         ),
         ({"steering": [{"vector": "happy", "multiplier": 1e9}]}, 400, "multiplier must be within"),
         ({"steering": [{"vector": "happy", "multiplier": "big"}]}, 400, "finite number"),
@@ -259,7 +259,7 @@ def test_bad_json_and_openai_client_error(server, client):
 def test_binds_loopback_by_default_and_rejects_bad_vector_dirs(tmp_path):
     import inspect
 
-    from steerlab.serving import app as module
+    from steerlab.serving import server as module
 
     assert inspect.signature(module.serve).parameters["host"].default == "127.0.0.1"
     lm = tiny.model("llama")

@@ -128,7 +128,7 @@ def test_2_prompt_characters_are_limited_before_tokenizing():
         with pytest.raises(ApiError, match="100 characters"):
             service.job({"prompt": "z" * 101, "max_tokens": 1}, chat=False)
     finally:
-        service.batcher.close()
+        service.runner.close()
 
 
 def test_3_rows_on_learned_position_models_stop_at_their_own_length():
@@ -171,7 +171,7 @@ def test_3_a_huge_steering_is_refused_and_cannot_blank_unsteered_rows(slow_serve
         with pytest.raises(ApiError, match="overflows"):
             service.job(_body(steering=[{"vector": "huge", "multiplier": 1000}]), chat=True)
     finally:
-        service.batcher.close()
+        service.runner.close()
 
 
 def test_3_a_zero_row_gets_exactly_nothing_added(llama):

@@ -22,13 +22,42 @@ _TRUE_LABELS = {"1", "true", "positive", "pos", "yes"}
 _FALSE_LABELS = {"0", "false", "negative", "neg", "no"}
 
 
-class DatasetError(SteerlabError):
-    """Malformed records, all of them: one line per problem."""
+SHOWN_PROBLEMS = 20  # a bad file lists its first problems and counts the rest
 
-    def __init__(self, path: str, problems: list[str]) -> None:
-        self.problems = problems
-        head = f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in dataset '{path}' (fix them and run again):"
-        super().__init__("\n".join([head, *(f"  {p}" for p in problems)]))
+
+class DatasetError(SteerlabError):
+    """Malformed records: one line per problem for the first :data:`SHOWN_PROBLEMS`, then a
+    count of the rest (a file of a million bad lines gives a short message).
+
+    Attributes:
+        problems: the first problems (at most :data:`SHOWN_PROBLEMS`).
+        total: how many problems there were in all.
+    """
+
+    def __init__(self, path: str, problems: list[str], total: int | None = None) -> None:
+        self.problems = problems[:SHOWN_PROBLEMS]
+        self.total = len(problems) if total is None else total
+        head = (
+            f"{self.total} problem{'s' if self.total != 1 else ''} in dataset '{path}' "
+            "(fix them and run again):"
+        )
+        lines = [head, *(f"  {p}" for p in self.problems)]
+        if self.total > len(self.problems):
+            lines.append(f"  ... and {self.total - len(self.problems)} more")
+        super().__init__("\n".join(lines))
+
+
+class _Problems(list):  # type: ignore[type-arg]
+    """A list of problems that keeps the first ones and counts the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def append(self, item: str) -> None:
+        self.total += 1
+        if len(self) < SHOWN_PROBLEMS:
+            super().append(item)
 
 
 @dataclass(frozen=True)
@@ -304,7 +333,7 @@ def load_dataset(
     files = [Path(path)] + ([Path(negatives)] if negatives is not None else [])
     for f in files:
         check_file(f, "dataset file")
-    problems: list[str] = []
+    problems = _Problems()
     if negatives is not None:
         if format not in (None, "unpaired"):
             raise SteerlabError(
@@ -317,8 +346,8 @@ def load_dataset(
         texts = pos_texts + neg_texts
     else:
         fmt, pairs, texts = _parse(files[0], format, problems)
-    if problems:
-        raise DatasetError(str(path), problems)
+    if problems.total:
+        raise DatasetError(str(path), list(problems), problems.total)
     if fmt is None or (not pairs and not texts):
         raise SteerlabError(f"dataset '{path}' has no records: add contrastive examples")
     if fmt == "unpaired":

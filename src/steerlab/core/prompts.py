@@ -60,6 +60,20 @@ def render_messages(
     return Rendered(text=f"{body}\nAssistant: ", templated=False)
 
 
+_LONGEST: dict[int, int] = {}
+
+
+def longest_piece(tokenizer: Any) -> int:
+    """The most characters one token of ``tokenizer`` spells (its longest vocabulary
+    entry, at least 1): a text of more than ``context * longest_piece`` characters is over
+    the context however it is tokenized, so it can be refused before tokenizing."""
+    key = id(tokenizer)
+    if key not in _LONGEST:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        _LONGEST[key] = max((len(str(piece)) for piece in vocab), default=1) or 1
+    return _LONGEST[key]
+
+
 def encode(tokenizer: Any, rendered: Rendered) -> list[int]:
     """Token ids of a rendered prompt (special tokens added only for plain text)."""
     ids = tokenizer(rendered.text, add_special_tokens=not rendered.templated)["input_ids"]
@@ -125,3 +139,24 @@ def encode_prompts(
     return left_padded(
         tokenizer, [prompt_ids(tokenizer, p, system=system, chat=chat) for p in prompts]
     )
+
+
+def token_pieces(
+    tokenizer: object, ids: Sequence[int], *, skip_special_tokens: bool = False
+) -> list[str]:
+    """Each token's text, so that the pieces concatenate to the decoded text.
+
+    A token that ends half way through a multi-byte character gets ``""``; the character
+    shows with the token that completes it.
+    """
+    pieces, before = [], ""
+    for i in range(len(ids)):
+        text = tokenizer.decode(  # type: ignore[attr-defined]
+            list(ids[: i + 1]), skip_special_tokens=skip_special_tokens
+        )
+        if text.endswith("\ufffd") and i < len(ids) - 1:
+            pieces.append("")
+            continue
+        pieces.append(text[len(before) :] if text.startswith(before) else text)
+        before = text
+    return pieces

@@ -6,6 +6,12 @@ from dataclasses import dataclass
 
 from steerlab.core.errors import SteerlabError
 
+#: Temperatures below this decode greedily (their limit): dividing logits by 1e-300 would
+#: overflow the softmax.
+MIN_TEMPERATURE = 1e-3
+#: The smallest nucleus: top_p below it keeps only the most likely token (its limit).
+MIN_TOP_P = 1e-6
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -13,9 +19,12 @@ class Sampling:
 
     Args:
         max_new_tokens: tokens to generate per row.
-        temperature: 0 for greedy decoding.
-        top_p: nucleus sampling mass (with temperature > 0).
-        seed: seed for sampling.
+        temperature: 0 for greedy decoding (and anything below :data:`MIN_TEMPERATURE`).
+        top_p: nucleus sampling mass (with temperature > 0); the most likely token is
+            always kept.
+        seed: seed for sampling: every row draws from its own generator (row ``r`` of a
+            batch seeded with ``seed + r``), so a row's tokens do not depend on its
+            batch-mates. None draws fresh randomness.
         stop_at_eos: stop a row at its EOS token.
     """
 
@@ -32,3 +41,5 @@ class Sampling:
             raise SteerlabError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise SteerlabError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)  # its limit: greedy

@@ -45,6 +45,20 @@ class ModelIdentity:
     num_layers: int
     fingerprint: str | None = None
 
+    def __post_init__(self) -> None:
+        for key in ("name", "architecture"):
+            if not isinstance(getattr(self, key), str):
+                raise SteerlabError(f"model {key} must be a string, got {getattr(self, key)!r}")
+        for key in ("hidden_size", "num_layers"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SteerlabError(
+                    f"model {key} must be a positive integer, got {value!r} "
+                    f"({type(value).__name__})"
+                )
+        if self.fingerprint is not None and not isinstance(self.fingerprint, str):
+            raise SteerlabError(f"model fingerprint must be a string, got {self.fingerprint!r}")
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -106,6 +120,13 @@ class SteeringVector:
             tensor = self.directions[layer]
             if not isinstance(tensor, torch.Tensor) or tensor.dim() not in (1, 2):
                 raise SteerlabError(f"direction for layer {layer} must be a [d] or [k, d] tensor")
+            if not tensor.is_floating_point():
+                raise SteerlabError(
+                    f"direction for layer {layer} holds {str(tensor.dtype).removeprefix('torch.')}"
+                    " values: a steering vector is floating point"
+                )
+            if tensor.numel() == 0:
+                raise SteerlabError(f"direction for layer {layer} is empty ({list(tensor.shape)})")
             if tensor.shape[-1] != self.model.hidden_size:
                 raise SteerlabError(
                     f"direction for layer {layer} has width {tensor.shape[-1]}, but the model's "

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import re
+import stat
 from pathlib import Path
 
 from steerlab.core.errors import SteerlabError
@@ -12,7 +14,9 @@ from steerlab.core.vector import SteeringVector
 from steerlab.formats.gguf import export_gguf, import_gguf
 from steerlab.formats.safetensors import load_safetensors, save_safetensors
 
-__all__ = ["export_gguf", "import_gguf", "load_vector", "save_vector"]
+__all__ = ["export_gguf", "import_gguf", "load_vector", "save_vector", "vector_files"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
@@ -47,3 +51,38 @@ def load_vector(path: str | Path) -> SteeringVector:
     if magic[:4] == b"GGUF":
         return import_gguf(source)
     return load_safetensors(source)
+
+
+def vector_files(folder: Path, env: str = "--vectors") -> list[Path]:
+    """The vector files of a registry folder (``*.safetensors``, ``*.gguf``), by name; a
+    file's stem is its name in requests. One reader for the CLI, the server and vLLM.
+
+    Raises:
+        SteerlabError: the folder is missing or cannot be listed (e.g. a loop of symbolic
+            links), or a file name is not a plain name.
+    """
+    try:
+        info = folder.stat()  # follows links: a loop of links raises here (ELOOP)
+        if not stat.S_ISDIR(info.st_mode):
+            raise SteerlabError(f"'{folder}' is not a folder: point {env} at a folder of vectors")
+        entries = sorted(folder.iterdir())
+    except FileNotFoundError:
+        raise SteerlabError(
+            f"vector directory '{folder}' does not exist: point {env} at a folder of vectors"
+        ) from None
+    except OSError as exc:
+        raise SteerlabError(
+            f"cannot list the vector directory '{folder}' ({exc.strerror or exc}): point {env} "
+            "at a plain folder"
+        ) from None
+    files = []
+    for path in entries:
+        if path.suffix.lower() not in (".safetensors", ".gguf") or path.name.startswith("."):
+            continue
+        if not _NAME.match(path.stem):
+            raise SteerlabError(
+                f"vector file name '{path.name}' is not a plain name: rename it (letters, "
+                "digits, _ . -)"
+            )
+        files.append(path)
+    return files

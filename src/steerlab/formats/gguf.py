@@ -69,11 +69,20 @@ def export_gguf(vector: SteeringVector, path: str | Path) -> Path:
     return target
 
 
+MAX_METADATA_BYTES = 1 << 20  # steerlab's JSON in a GGUF; larger files are refused
+
+
 def _field_str(reader: object, name: str) -> str | None:
     field = reader.get_field(name)  # type: ignore[attr-defined]
     if field is None:
         return None
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
+    raw = field.parts[field.data[0]]
+    if len(raw) > MAX_METADATA_BYTES:
+        raise SteerlabError(
+            f"{name} is {len(raw):,} bytes, over the {MAX_METADATA_BYTES:,}-byte limit for a "
+            "vector file's metadata"
+        )
+    return bytes(raw).decode("utf-8")
 
 
 def _field_int(reader: object, name: str) -> int | None:
@@ -102,6 +111,7 @@ def import_gguf(path: str | Path) -> SteeringVector:
             f"cannot read GGUF file '{path}' ({type(exc).__name__}): check the file"
         ) from None
     directions: dict[int, torch.Tensor] = {}
+    allowed = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
     for tensor in reader.tensors:
         if not tensor.name.startswith("direction."):
             continue
@@ -109,11 +119,28 @@ def import_gguf(path: str | Path) -> SteeringVector:
             layer = int(tensor.name.split(".", 1)[1])
         except ValueError:
             continue
+        kind = gguf.GGMLQuantizationType(tensor.tensor_type)
+        if kind not in allowed:
+            raise SteerlabError(
+                f"'{path}': {tensor.name} holds {kind.name} values; a control vector's "
+                "directions are F32 (or F16): re-export the vector"
+            )
+        dims = [int(x) for x in tensor.shape]
+        if len(dims) != 1 or dims[0] < 1:
+            raise SteerlabError(
+                f"'{path}': {tensor.name} has shape {dims}; a control vector holds one "
+                "non-empty direction per layer: re-export the vector"
+            )
         directions[layer] = torch.from_numpy(np.array(tensor.data, dtype=np.float32).reshape(-1))
     if not directions:
         raise SteerlabError(
             f"'{path}' holds no control vector (no direction.N tensors): pass a llama.cpp "
             "control-vector GGUF, not a model"
+        )
+    widths = {int(t.shape[0]) for t in directions.values()}
+    if len(widths) != 1:
+        raise SteerlabError(
+            f"'{path}': its directions have different widths {sorted(widths)}: re-export it"
         )
     try:
         meta_text = _field_str(reader, _META)

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import secrets
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from steerlab.core.decoded import Decoded
-from steerlab.core.engine import OnStep, generate_multipliers
+from steerlab.core.engine import OnStep
 from steerlab.core.errors import SteerlabError
-from steerlab.core.prompts import encode_prompts
 from steerlab.core.sampling import Sampling
 from steerlab.core.steering import Steering
 from steerlab.hf.conditions import resolve_conditions
@@ -27,10 +27,7 @@ from steerlab.hf.layers import LayerMap, cache_kwarg, find_layers, input_device
 from steerlab.hf.tracking import Record, Shadow, select_rows
 from steerlab.hf.transient import cache_of, can_share, shared_step
 
-if TYPE_CHECKING:
-    from steerlab.hf.model import LoadedModel
-
-__all__ = ["Decoded", "Sampling", "cache_kwarg", "decode", "generate", "generate_multipliers"]
+__all__ = ["Decoded", "Sampling", "cache_kwarg", "decode"]
 
 
 def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> Any:
@@ -64,17 +61,28 @@ def _can_crop(cache: Any) -> bool:
 
 
 def _pick(
-    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None
+    logits: torch.Tensor,
+    sampling: Sampling,
+    generators: list[torch.Generator] | None,
+    active: torch.Tensor,
 ) -> torch.Tensor:
-    if sampling.temperature == 0:
+    """The next token of every active row: greedy, or drawn from the row's own generator
+    (so a row's draws never depend on the rows beside it)."""
+    if sampling.temperature == 0 or generators is None:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)  # [batch, vocab]
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)  # [rows, vocab]
     if sampling.top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < sampling.top_p
+        keep[..., 0] = True  # the most likely token always stays (top_p's limit)
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    probs = probs.cpu()
+    rows = [
+        torch.multinomial(probs[i], 1, generator=generators[int(r)])
+        for i, r in enumerate(active.tolist())
+    ]
+    return torch.cat(rows).to(logits.device)
 
 
 @torch.no_grad()
@@ -94,6 +102,7 @@ def decode(
     on_step: OnStep | None = None,
     share: bool = True,
     share_prompts: bool = False,
+    seeds: Sequence[int | None] | None = None,
 ) -> Decoded:
     """Generate from a left-padded batch with steering.
 
@@ -122,6 +131,8 @@ def decode(
             token (``after-prompt``, ``transient``, ``window``, unsteered rows), prefill
             every distinct prompt's other tokens once, unsteered, and start each row (and
             its unsteered shadow) from that cache: a sweep's cells share their prompts.
+        seeds: per row, the seed of its sampling generator (None: fresh randomness);
+            default ``sampling.seed + row`` (fresh randomness without a seed).
 
     Rows leave the batch as soon as they finish (EOS, or flagged by ``on_step``): they cost
     no more compute, and no row runs past its own length.
@@ -137,9 +148,16 @@ def decode(
     batch = ids.shape[0]
     eos = eos_token_id if eos_token_id is not None else getattr(model.config, "eos_token_id", None)
     eos_set = {int(e) for e in ([eos] if isinstance(eos, int) else list(eos or []))}
-    generator = None
+    generators = None
     if sampling.temperature > 0:
-        generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else 0)
+        if seeds is None:
+            seeds = [None if sampling.seed is None else sampling.seed + r for r in range(batch)]
+        if len(seeds) != batch:
+            raise SteerlabError(f"{len(seeds)} seeds for a batch of {batch} rows")
+        generators = [
+            torch.Generator().manual_seed(secrets.randbits(63) if s is None else int(s))
+            for s in seeds
+        ]
     lengths = [int(n) for n in attention_mask.sum(-1).tolist()]
     layer_map = layer_map or find_layers(model)
     steering = resolve_conditions(model, layer_map, input_ids, attention_mask, steering)
@@ -214,7 +232,7 @@ def decode(
                 out = _forward(model, step_ids, mask, cache)
                 cache = cache_of(out)
                 logits = out.logits[:, -1, :].float()
-            token = _pick(logits, sampling, generator)  # [rows]
+            token = _pick(logits, sampling, generators, active)  # [rows]
             full = rec.step(active, token, logits)  # [batch], fill where done
             if plain_logits is not None:
                 rec.compare(active, token, logits, plain_logits)
@@ -284,41 +302,3 @@ def _scatter(active: torch.Tensor, values: torch.Tensor, batch: int) -> torch.Te
     full = torch.zeros(batch, dtype=torch.bool, device=values.device)
     full[active] = values
     return full
-
-
-def generate(
-    lm: LoadedModel,
-    prompts: Sequence[str],
-    steering: Sequence[Steering] | Sequence[Sequence[Steering]] = (),
-    sampling: Sampling | None = None,
-    *,
-    chat: bool = True,
-    system: str | None = None,
-    track_unsteered: bool = False,
-    share_prompts: bool = False,
-) -> tuple[list[str], Decoded]:
-    """Generate completions for text prompts, steered (``share_prompts``: see :func:`decode`).
-
-    Returns:
-        The decoded completions (without special tokens) and the raw :class:`Decoded`.
-    """
-    ids, mask = encode_prompts(lm.tokenizer, prompts, chat=chat, system=system)
-    result = decode(
-        lm.model,
-        ids,
-        mask,
-        steering,
-        sampling,
-        layer_map=lm.layers,
-        tokenizer=lm.tokenizer,
-        eos_token_id=lm.tokenizer.eos_token_id,
-        track_unsteered=track_unsteered,
-        share_prompts=share_prompts,
-    )
-    texts = [
-        lm.tokenizer.decode(
-            result.tokens[r, : result.lengths[r]].tolist(), skip_special_tokens=True
-        )
-        for r in range(len(prompts))
-    ]
-    return texts, result

@@ -15,7 +15,7 @@ from torch import nn
 from steerlab.core.aggregators import get_aggregator
 from steerlab.core.dataset import Dataset
 from steerlab.core.errors import SteerlabError
-from steerlab.core.prompts import prompt_ids
+from steerlab.core.prompts import longest_piece, prompt_ids
 from steerlab.core.vector import SITE_CONVENTIONS, SteeringVector
 from steerlab.hf.layers import block_output, resolve_layers
 from steerlab.hf.model import LoadedModel
@@ -60,6 +60,12 @@ def build_items(
     limit = lm.context_length
 
     def span(prompt: str | None, completion: str, line: int) -> tuple[list[int], int]:
+        chars = len(system or "") + len(prompt or "") + len(completion)
+        if chars > limit * longest_piece(tok):  # refused before tokenizing a huge text
+            raise SteerlabError(
+                f"{dataset.info.path or 'dataset'}:{line}: the example is {chars} characters, "
+                f"more than the model's context of {limit} tokens can hold: shorten or drop it"
+            )
         full = prompt_ids(tok, prompt or "", system=system, assistant_prefix=completion, chat=chat)
         if len(full) > limit:
             raise SteerlabError(
@@ -253,6 +259,13 @@ def extract_actadd(lm: LoadedModel, dataset: Dataset, layers: list[int]) -> Stee
     for p in dataset.pairs:
         text_pos = (p.prompt or "") + p.positive
         text_neg = (p.prompt or "") + p.negative
+        longer = max(len(text_pos), len(text_neg))
+        if longer > lm.context_length * longest_piece(tok):
+            raise SteerlabError(
+                f"{dataset.info.path or 'dataset'}:{p.line}: the ActAdd pair is {longer} "
+                f"characters, more than the model's context of {lm.context_length} tokens can "
+                "hold: shorten it"
+            )
         a = list(tok(text_pos)["input_ids"])
         b = list(tok(text_neg)["input_ids"])
         if max(len(a), len(b)) > lm.context_length:

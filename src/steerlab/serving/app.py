@@ -20,16 +20,15 @@ or not, frees its row at the next token. :class:`Guard` refuses foreign ``Host``
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from steerlab.core.engine import Engine
-from steerlab.core.errors import SteerlabError
+from steerlab.core.jobs import Job, QueueFull
 from steerlab.core.vector import SteeringVector
 from steerlab.evaluation.sweep_summary import SweepSummary
-from steerlab.serving.batcher import Job, QueueFull
 from steerlab.serving.events import (
     ClientGone,
     Text,
@@ -48,8 +47,7 @@ from steerlab.serving.service import (
     load_vectors,
     parse_body,
 )
-
-_POLL = 0.25  # seconds between disconnect checks, for the whole life of a request
+from steerlab.serving.watch import Watch, next_event
 
 __all__ = [
     "ApiError",
@@ -59,7 +57,6 @@ __all__ = [
     "create_app",
     "is_loopback",
     "load_vectors",
-    "serve",
 ]
 
 
@@ -93,20 +90,44 @@ def create_app(
 
     @app.on_event("shutdown")
     def _stop() -> None:
-        service.batcher.close()
+        service.runner.close()
         work.shutdown(wait=False, cancel_futures=True)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # The Guard around the app logs it in one line; the client gets JSON, not a page.
+        rid = request.scope.get("steerlab_request_id", "?")
+        error = ApiError(
+            500, f"internal error (request {rid}): the server logged it", kind="server_error"
+        )
+        return JSONResponse(error.body(), status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(ApiError(400, "invalid request body").body(), status_code=400)
 
-    async def _read(request: Request) -> bytes:
+    async def _read(request: Request, deadline: float) -> bytes:
+        """The body, within its size limit and by the request's deadline (counted from the
+        moment its head arrived) or the body timeout, whichever comes first."""
         chunks, size = [], 0
-        async for chunk in request.stream():
+        until = min(deadline, time.monotonic() + limits.body_timeout)
+        stream = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), until - time.monotonic())
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise ApiError(
+                    408,
+                    "the request body did not arrive in time (limits: "
+                    f"--body-timeout {limits.body_timeout:g} s, --request-timeout "
+                    f"{limits.request_timeout:g} s)",
+                ) from None
             size += len(chunk)
             if size > limits.max_body_bytes:
                 raise ApiError(
@@ -154,7 +175,7 @@ def create_app(
 
     def _submit(item: Job | list[Job]) -> None:
         try:
-            service.batcher.submit(item)
+            service.runner.submit(item)
         except QueueFull:
             raise ApiError(
                 503,
@@ -164,33 +185,38 @@ def create_app(
             ) from None
 
     async def _complete(request: Request, chat: bool) -> Any:
-        raw = await _read(request)
+        deadline = time.monotonic() + limits.request_timeout  # from the request's head
+        raw = await _read(request, deadline)
         loop = asyncio.get_running_loop()
         body, ids, params = await loop.run_in_executor(work, _validate, raw, chat)
+        stops = params.pop("stop", [])
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def emit(kind: str, value: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-        deadline = time.monotonic() + limits.request_timeout
         job = Job(ids=ids, emit=emit, deadline=deadline, **params)
         _submit(job)
-        watch = _Watch(request, [job], events)
+        watch = Watch(request, [job], events)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         tok = lm.tokenizer
 
         async def tokens() -> AsyncIterator[tuple[str, str | None]]:
             """(text delta, finish reason) as tokens arrive."""
-            text = Text(tok)
+            text = Text(tok, stops)
             while True:
-                kind, value = await _next_event(events, watch, deadline)
+                kind, value = await next_event(events, watch, deadline)
                 if kind == "error":
                     raise failure(value)
                 if kind == "done":
                     yield text.rest(), value
                     return
                 delta = text.add(int(value))
+                if text.stopped:  # a stop string: the row ends here, its engine row too
+                    job.cancelled.set()
+                    yield delta, "stop"
+                    return
                 if delta:
                     yield delta, None
 
@@ -245,9 +271,12 @@ def create_app(
         events: ``{"row", "delta"}`` as text arrives, ``{"row", "explain"}`` (each token's
         text, KL and most changed tokens) when asked, ``{"row", "finish_reason"}``, then
         ``[DONE]``. See :meth:`Service.compare` for the body."""
-        raw = await _read(request)
+        deadline = time.monotonic() + limits.request_timeout  # from the request's head
+        raw = await _read(request, deadline)
         loop = asyncio.get_running_loop()
         plan = await loop.run_in_executor(work, lambda: service.compare(parse_body(raw)))
+        params = dict(plan.params)
+        stops = params.pop("stop", [])
         events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
 
         def emitter(row: int) -> Any:
@@ -256,7 +285,6 @@ def create_app(
 
             return emit
 
-        deadline = time.monotonic() + limits.request_timeout
         jobs = [
             Job(
                 ids=plan.ids,
@@ -264,12 +292,12 @@ def create_app(
                 emit=emitter(r),
                 deadline=deadline,
                 explain=plan.explain,
-                **plan.params,
+                **params,
             )
             for r, steering in enumerate(plan.rows)
         ]
         _submit(jobs)
-        watch = _Watch(request, jobs, events)
+        watch = Watch(request, jobs, events)
         tok = lm.tokenizer
         head = {
             "object": "steerlab.compare",
@@ -278,17 +306,23 @@ def create_app(
         }
 
         async def stream() -> AsyncIterator[str]:
-            texts = [Text(tok) for _ in jobs]
+            texts = [Text(tok, stops) for _ in jobs]
             open_rows = set(range(len(jobs)))
             try:
                 yield sse(head)
                 while open_rows:
-                    r, kind, value = await _next_event(events, watch, deadline)
+                    r, kind, value = await next_event(events, watch, deadline)
                     text = texts[r]
+                    if r not in open_rows:
+                        continue  # a row that met a stop string: the rest is not its text
                     if kind == "token":
                         delta = text.add(int(value))
                         if delta:
                             yield sse({"row": r, "delta": delta})
+                        if text.stopped:
+                            jobs[r].cancelled.set()
+                            yield sse({"row": r, "finish_reason": "stop"})
+                            open_rows.discard(r)
                     elif kind == "explain":
                         yield sse({"row": r, "explain": explained(text, value, tok)})
                     elif kind == "done":
@@ -319,79 +353,3 @@ def create_app(
         return await _complete(request, chat=False)
 
     return Guard(app, security, limits.max_body_bytes)
-
-
-class _Watch:
-    """Cancels a request's jobs the moment its client goes away, tokens flowing or not.
-
-    A task polls ``request.is_disconnected()`` every :data:`_POLL` seconds for the whole
-    life of the request and, when the client has left, cancels the jobs (the batcher frees
-    their rows at the next step) and wakes the reader with :data:`_GONE`.
-    """
-
-    def __init__(self, request: Any, jobs: list[Job], events: "asyncio.Queue[Any]") -> None:
-        self.jobs, self.events = jobs, events
-        self.task = asyncio.get_running_loop().create_task(self._run(request))
-
-    async def _run(self, request: Any) -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(_POLL)
-        self.cancel()
-        self.events.put_nowait(_GONE)
-
-    def cancel(self) -> None:
-        for job in self.jobs:
-            job.cancelled.set()
-
-    def stop(self) -> None:
-        """The request is over: stop watching and free any row still running."""
-        self.task.cancel()
-        self.cancel()
-
-
-_GONE = object()  # the watcher's wake-up: the client left
-
-
-async def _next_event(events: "asyncio.Queue[Any]", watch: _Watch, deadline: float) -> Any:
-    """The next event; cancels the request's jobs when the client leaves or time is up."""
-    try:
-        item = await asyncio.wait_for(events.get(), max(deadline + 1.0 - time.monotonic(), 0.0))
-    except asyncio.TimeoutError:
-        watch.cancel()
-        raise ApiError(504, "the request ran past its deadline", kind="server_error") from None
-    if item is _GONE:
-        raise ClientGone
-    return item
-
-
-def serve(
-    lm: Engine,
-    vectors: dict[str, SteeringVector],
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    limits: Limits | None = None,
-    security: Security | None = None,
-    allow_hosts: Sequence[str] = (),
-    sweep: SweepSummary | None = None,
-    sweep_vector: str | None = None,
-) -> None:
-    """Run the server until interrupted.
-
-    Args:
-        host: bind address; loopback by default.
-        allow_hosts: extra ``Host`` names to accept (the bind address is accepted too).
-        sweep, sweep_vector: as in :func:`create_app`.
-    """
-    try:
-        import uvicorn
-    except ImportError:
-        raise SteerlabError(
-            "the server needs fastapi and uvicorn: pip install 'steerlab[serve]'"
-        ) from None
-    security = security or Security()
-    names = set(security.allowed_hosts) | set(allow_hosts)
-    if host not in ("0.0.0.0", "::", ""):
-        names.add(host)
-    security = Security(security.api_key, tuple(sorted(names)), security.expose_metadata)
-    app = create_app(lm, vectors, limits, security=security, sweep=sweep, sweep_vector=sweep_vector)
-    uvicorn.run(app, host=host, port=port, log_level="info")

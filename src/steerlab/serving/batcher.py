@@ -14,63 +14,19 @@ yet are retried one by one, so one bad row fails alone.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import queue
 import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from steerlab.core.engine import Engine
+from steerlab.core.jobs import Job, QueueFull
 from steerlab.core.sampling import Sampling
-from steerlab.core.steering import Steering
 
-# ("token", id) / ("explain", {"kl", "top"}) / ("done", finish_reason) / ("error", message)
-Emit = Callable[[str, Any], None]
-
-
-class QueueFull(Exception):
-    """The batcher's queue holds as many requests as it may: answer 503 and retry later."""
-
-
-@dataclass
-class Job:
-    """One request row: prompt ids, steerings, decoding settings and where tokens go.
-
-    Attributes:
-        deadline: ``time.monotonic()`` after which the row is stopped (None: no deadline).
-        cancelled: set when the client goes away; the row stops at the next step.
-        explain: ``k > 0`` tracks the unsteered model too: before "done" the job gets an
-            "explain" event with each token's KL and the ``k`` most changed tokens.
-    """
-
-    ids: list[int]
-    steering: list[Steering]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    emit: Emit
-    deadline: float | None = None
-    explain: int = 0
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    emitted: int = 0
-    closed: bool = False
-
-    def close(self, kind: str, value: Any) -> None:
-        """Send the final event ("done" or "error"), once."""
-        if not self.closed:
-            self.closed = True
-            self.emit(kind, value)
-
-    @property
-    def sampling_key(self) -> tuple[float, float, int | None, int]:
-        return (self.temperature, self.top_p, self.seed, self.explain)
-
-    def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
+__all__ = ["Batcher", "Job", "QueueFull"]
 
 
 class Batcher:
@@ -88,6 +44,11 @@ class Batcher:
         # A list is a group (one request's rows) that runs as one batch.
         self.jobs: queue.Queue[Job | list[Job] | None] = queue.Queue(maxsize=max_queue + 1)
         self.max_queue = max_queue
+        # Items the worker took out of the queue but set aside (other sampling settings):
+        # kept here, in order, never put back into the bounded queue (that could block the
+        # worker forever on a queue that clients refilled meanwhile).
+        self._held: collections.deque[Job | list[Job] | None] = collections.deque()
+        self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="steerlab-batcher", daemon=True)
         self.thread.start()
 
@@ -106,14 +67,18 @@ class Batcher:
             raise ValueError(
                 f"a group needs 1..{self.max_batch} jobs with the same sampling settings"
             )
-        if self.jobs.qsize() >= self.max_queue:
+        if self._waiting() >= self.max_queue:
             self._purge()
-        if self.jobs.qsize() >= self.max_queue:
+        if self._waiting() >= self.max_queue:
             raise QueueFull
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
             raise QueueFull from None
+
+    def _waiting(self) -> int:
+        with self._lock:
+            return self.jobs.qsize() + len(self._held)
 
     def _purge(self) -> None:
         """Drop cancelled jobs from the queue: a client that left holds no place in it."""
@@ -121,33 +86,51 @@ class Batcher:
             kept = [j for j in self.jobs.queue if not _cancelled(j)]
             self.jobs.queue.clear()
             self.jobs.queue.extend(kept)
+        with self._lock:
+            held = [j for j in self._held if not _cancelled(j)]
+            self._held.clear()
+            self._held.extend(held)
 
     def close(self) -> None:
-        self.jobs.put(None)
+        with self._lock:
+            self._held.append(None)  # the worker sees it even on a full queue
+        with contextlib.suppress(queue.Full):
+            self.jobs.put_nowait(None)  # wakes a worker blocked on an empty queue
         self.thread.join(timeout=10)
 
+    def _next(self, block: bool) -> Job | list[Job] | None:
+        """The next item: set-aside ones first, then the queue.
+
+        Raises:
+            queue.Empty: nothing waits (``block=False``).
+        """
+        with self._lock:
+            if self._held:
+                return self._held.popleft()
+        return self.jobs.get() if block else self.jobs.get_nowait()
+
     def _take(self) -> list[Job] | None:
-        item = self.jobs.get()
+        item = self._next(block=True)
         if item is None:
             return None
         if isinstance(item, list):
             return item  # a group runs alone, as one batch
         batch: list[Job] = [item]
-        later: list[Job | list[Job]] = []
+        later: list[Job | list[Job] | None] = []
         while len(batch) < self.max_batch:
             try:
-                job = self.jobs.get_nowait()
+                job = self._next(block=False)
             except queue.Empty:
                 break
             if job is None:
-                self.jobs.put(None)
+                later.append(None)
                 break
             if isinstance(job, Job) and job.sampling_key == item.sampling_key:
                 batch.append(job)
             else:
                 later.append(job)
-        for job in later:
-            self.jobs.put(job)
+        with self._lock:  # back in front, in their order; the queue itself is never waited on
+            self._held.extendleft(reversed(later))
         return batch
 
     def _run(self) -> None:
@@ -190,8 +173,8 @@ class Batcher:
             max_new_tokens=max(j.max_tokens for j in batch),
             temperature=first.temperature,
             top_p=first.top_p,
-            seed=first.seed,
         )
+        seeds = [j.seed for j in batch]  # each row its own generator; None: fresh randomness
         finished = [False] * len(batch)
         explain = max(j.explain for j in batch)
         reasons: dict[int, str] = {}  # explained rows: "done" waits for their explanation
@@ -225,9 +208,11 @@ class Batcher:
 
         prompts, rows = [j.ids for j in batch], [j.steering for j in batch]
         if explain:
-            out = self.lm.decode_batch(prompts, rows, sampling, on_step=on_step, explain=explain)
+            out = self.lm.decode_batch(
+                prompts, rows, sampling, on_step=on_step, explain=explain, seeds=seeds
+            )
         else:
-            out = self.lm.decode_batch(prompts, rows, sampling, on_step=on_step)
+            out = self.lm.decode_batch(prompts, rows, sampling, on_step=on_step, seeds=seeds)
         for r, job in enumerate(batch):
             if job.closed or job.cancelled.is_set():
                 continue

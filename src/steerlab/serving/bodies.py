@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,8 @@ from typing import Any
 from steerlab.core.engine import Engine
 from steerlab.core.errors import SteerlabError
 from steerlab.core.vector import SteeringVector
-from steerlab.formats import load_vector
+from steerlab.formats import load_vector, vector_files
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _MAX_INT_DIGITS = 19  # larger JSON integers are read as floats (then range-checked)
 
 
@@ -48,20 +46,61 @@ def _bounded_int(text: str) -> int | float:
     return int(text) if len(text.lstrip("-")) <= _MAX_INT_DIGITS else float(text)
 
 
+class _Duplicate(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(key)
+        out[key] = value
+    return out
+
+
+def _valid_unicode(value: Any, depth: int = 0) -> bool:
+    """False when a string anywhere in the body holds a lone surrogate (JSON's "\\ud800")."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if depth > 64:
+        return True  # nesting this deep is refused elsewhere
+    if isinstance(value, dict):
+        return all(_valid_unicode(k) and _valid_unicode(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_valid_unicode(v, depth + 1) for v in value)
+    return True
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """A JSON object from a request body, with bounded integers and nesting.
+    """A JSON object from a request body, with bounded integers and nesting, every key once
+    per object and every string valid Unicode.
 
     Raises:
-        ApiError: 400 for anything but a JSON object of sane size and depth.
+        ApiError: 400 for anything else.
     """
     try:
-        body = json.loads(raw, parse_int=_bounded_int)
+        body = json.loads(raw, parse_int=_bounded_int, object_pairs_hook=_unique)
     except RecursionError:
         raise ApiError(400, "the request body is nested too deeply") from None
+    except _Duplicate as dup:
+        raise ApiError(
+            400, f"the request body repeats the key {dup.key[:64]!r}: give each field once"
+        ) from None
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    if not _valid_unicode(body):
+        raise ApiError(
+            400, "the request body holds a string that is not valid Unicode (a lone surrogate)"
+        )
     return body
 
 
@@ -107,16 +146,8 @@ def load_vectors(
         SteerlabError: a missing directory, a bad file name, a vector that does not fit
             the model, or (without ``warn``) an unreadable file.
     """
-    if not directory.is_dir():
-        raise SteerlabError(f"vector directory '{directory}' does not exist: pass --vectors DIR")
     vectors: dict[str, SteeringVector] = {}
-    for path in sorted(directory.iterdir()):
-        if path.suffix.lower() not in (".safetensors", ".gguf") or path.name.startswith("."):
-            continue
-        if not _NAME.match(path.stem):
-            raise SteerlabError(
-                f"vector file name '{path.name}' is not a plain name: rename it (letters, digits, _ . -)"
-            )
+    for path in vector_files(directory):
         try:
             vector = load_vector(path)
         except SteerlabError as exc:

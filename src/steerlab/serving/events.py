@@ -6,9 +6,10 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
-from steerlab.evaluation.projection import token_pieces
+from steerlab.core.prompts import token_pieces
 from steerlab.evaluation.sweep_summary import SweepSummary
 from steerlab.serving.bodies import ApiError
 
@@ -19,22 +20,42 @@ def failure(message: Any) -> ApiError:
 
 
 class Text:
-    """A row's text as its tokens arrive: deltas that never split a multi-byte character."""
+    """A row's text as its tokens arrive: deltas that never split a multi-byte character,
+    and that stop before the first of the request's stop strings (the text is cut there and
+    the row finishes with reason ``stop``). Up to the longest stop string's length - 1
+    characters are held back, since they may begin one."""
 
-    def __init__(self, tok: Any) -> None:
+    def __init__(self, tok: Any, stops: Sequence[str] = ()) -> None:
         self.tok, self.sent = tok, ""
         self.ids: list[int] = []
+        self.stops = list(stops)
+        self.hold = max((len(x) for x in self.stops), default=1) - 1
+        self.stopped = False
 
     def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
         self.ids.append(token)
         text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if self.stops:
+            start = max(len(self.sent) - self.hold, 0)
+            found = [i for i in (text.find(x, start) for x in self.stops) if i >= 0]
+            if found:
+                self.stopped = True
+                delta, self.sent = text[len(self.sent) : min(found)], text[: min(found)]
+                return delta
         if text.endswith("\ufffd"):
             return ""  # half a character: wait for the rest
-        delta, self.sent = text[len(self.sent) :], text
+        end = len(text) - self.hold
+        if end <= len(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent) : end], text[:end]
         return delta
 
     def rest(self) -> str:
-        """What is left to send once the row is done (a trailing half character)."""
+        """What is left to send once the row is done (held-back or half characters)."""
+        if self.stopped:
+            return ""
         return self.tok.decode(self.ids, skip_special_tokens=True)[len(self.sent) :]
 
 

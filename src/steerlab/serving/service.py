@@ -8,17 +8,16 @@ numbers and depth; every number field is range-checked before it reaches ``int()
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from steerlab.core.condition import Condition
 from steerlab.core.engine import Engine
 from steerlab.core.errors import SteerlabError
-from steerlab.core.policy import Policy, check_marker
+from steerlab.core.policy import check_marker
 from steerlab.core.prompts import encode, render_messages
-from steerlab.core.steering import Steering, operator_fields, site_field
+from steerlab.core.requests import EntryError, Rules, parse_steerings
+from steerlab.core.sampling import MIN_TEMPERATURE
+from steerlab.core.steering import Steering
 from steerlab.core.vector import SteeringVector
 from steerlab.serving.batcher import Batcher
 from steerlab.serving.bodies import (
@@ -29,6 +28,7 @@ from steerlab.serving.bodies import (
     number,
     parse_body,
 )
+from steerlab.serving.connections import default_max_connections
 
 __all__ = [
     "ApiError",
@@ -58,7 +58,12 @@ class Limits:
         max_queue: requests that may wait; more get 503 with ``Retry-After``.
         max_body_bytes: request body size; larger bodies get 413 before parsing.
         max_prompt_chars: characters of prompt or messages, checked before tokenizing.
-        request_timeout: seconds a request may take, queueing included (then 504).
+        request_timeout: seconds a request may take from the moment its head arrived,
+            reading its body and queueing included (then 408 while reading, 504 after).
+        body_timeout: seconds to read a request's body (then 408).
+        header_timeout: seconds a connection may take to send a request head (then 408
+            and closed; ``serving/connections.py``).
+        max_connections: open connections; more are answered 503 and closed at once.
     """
 
     max_tokens: int = 512
@@ -69,6 +74,9 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_prompt_chars: int = 100_000
     request_timeout: float = 300.0
+    body_timeout: float = 30.0
+    header_timeout: float = 10.0
+    max_connections: int = field(default_factory=default_max_connections)
 
 
 @dataclass(frozen=True)
@@ -90,153 +98,52 @@ class Comparison:
 
 
 class Service:
-    """Validates requests and turns them into batcher jobs."""
+    """Validates requests and turns them into jobs for the engine's runner."""
 
     def __init__(self, lm: Engine, vectors: dict[str, SteeringVector], limits: Limits) -> None:
         self.lm = lm
         self.vectors = vectors
         self.limits = limits
-        self.batcher = Batcher(lm, limits.max_batch, limits.max_queue)
+        # Rows run in padded batches on our worker thread, or the engine schedules them
+        # itself (vLLM: continuous batching, each row streamed and cancelled on its own).
+        self.runner: Any = (
+            lm if lm.capabilities.continuous else Batcher(lm, limits.max_batch, limits.max_queue)
+        )
         self.context = lm.context_length
 
+    @property
+    def rules(self) -> Rules:
+        """What this server's engine and limits accept (:mod:`steerlab.core.requests`)."""
+        caps = self.lm.capabilities
+        return Rules(
+            num_layers=self.lm.identity.num_layers,
+            context=self.context,
+            max_steerings=self.limits.max_steerings,
+            max_multiplier=self.limits.max_multiplier,
+            transient=caps.transient,
+            sites=caps.sites,
+            conditions=caps.conditions,
+            max_projections=caps.projections,
+            dtype=self.lm.dtype,
+        )
+
     def steerings(self, raw: Any, prompt_ids: list[int]) -> list[Steering]:
-        if raw is None:
-            return []
-        if not isinstance(raw, list):
-            raise ApiError(
-                400,
-                "'steering' must be a list of {vector, multiplier, layers?, policy?}",
-                "steering",
-            )
-        if len(raw) > self.limits.max_steerings:
-            raise ApiError(
-                400, f"at most {self.limits.max_steerings} steerings per request", "steering"
-            )
-        return [self._steering(f"steering[{i}]", item, prompt_ids) for i, item in enumerate(raw)]
-
-    def _steering(self, where: str, item: Any, prompt_ids: list[int]) -> Steering:
-        if not isinstance(item, dict):
-            raise ApiError(400, f"{where} must be an object", where)
-        name = item.get("vector")
-        if not isinstance(name, str) or name not in self.vectors:
-            known = ", ".join(sorted(self.vectors)) or "none"
-            shown = name[:64] if isinstance(name, str) else name
-            raise ApiError(
-                404,
-                f"unknown vector {shown!r} in {where}: known vectors are {known}",
-                f"{where}.vector",
-                "not_found_error",
-            )
-        vector = self.vectors[name]
-        bound = self.limits.max_multiplier
-        raw_multiplier = item.get("multiplier", 1.0)
-        if isinstance(raw_multiplier, bool) or not isinstance(raw_multiplier, (int, float)):
-            raise ApiError(
-                400, f"{where}.multiplier must be a finite number", f"{where}.multiplier"
-            )
+        """A request's validated steerings (the one schema, :mod:`steerlab.core.requests`),
+        each ``from-marker`` checked against the rendered prompt."""
         try:
-            multiplier = number(raw_multiplier, f"{where}.multiplier", -bound, bound)
-        except ApiError:
-            raise ApiError(
-                400,
-                f"{where}.multiplier must be within +/-{bound:g} (a finite number)",
-                f"{where}.multiplier",
-            ) from None
-        layers = item.get("layers")
-        if layers is not None:
-            if (
-                not isinstance(layers, list)
-                or not layers
-                or len(layers) > 4096
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
-            ):
-                raise ApiError(
-                    400, f"{where}.layers must be a non-empty list of integers", f"{where}.layers"
-                )
-            missing = [x for x in layers if x not in vector.directions]
-            if missing:
-                raise ApiError(
-                    400,
-                    f"{where}: vector {name!r} has no layer {missing[0]} (it has {','.join(map(str, vector.layers))})",
-                    f"{where}.layers",
-                )
-        scale = item.get("scale", "absolute")
-        policy_text = item.get("policy", "after-prompt")
-        if not isinstance(policy_text, str) or len(policy_text) > 256:
-            raise ApiError(400, f"{where}.policy must be a policy name", f"{where}.policy")
-        try:
-            condition = self._condition(f"{where}.condition", item.get("condition"))
-            policy = Policy.parse(policy_text)
-            operator, clamp = operator_fields(item)
-            steering = Steering(
-                vector,
-                multiplier,
-                None if layers is None else tuple(layers),
-                policy,
-                scale,
-                operator,
-                clamp,
-                condition,
-                site_field(item),
-            )
-        except SteerlabError as exc:
-            raise ApiError(400, f"{where}: {exc}", where) from None
-        if not policy.persisting and not getattr(self.lm, "supports_transient", True):
-            raise ApiError(
-                400,
-                f"{where}: policy transient needs two passes per token, which this engine does "
-                "not run: use the Hugging Face engine",
-                f"{where}.policy",
-            )
-        try:
-            check_marker(policy, self.lm.tokenizer.decode(prompt_ids))
-        except SteerlabError as exc:
-            raise ApiError(400, f"{where}: {exc}", f"{where}.policy") from None
-        dtype = self.lm.dtype
-        for layer in steering.steered_layers:
-            if not bool(torch.isfinite(steering.delta(layer).to(dtype)).all()):
-                raise ApiError(
-                    400,
-                    f"{where}: multiplier {multiplier:g} times vector {name!r} overflows the "
-                    f"model's {str(dtype).removeprefix('torch.')} at layer {layer}: use a "
-                    "smaller multiplier",
-                    f"{where}.multiplier",
-                )
-        return steering
-
-    def _condition(self, where: str, raw: Any) -> Condition | None:
-        """``{vector, layer, threshold, above?, reduce?}``: steer only prompts that pass."""
-        if raw is None:
-            return None
-        if not getattr(self.lm, "supports_conditions", False):
-            raise ApiError(
-                400,
-                f"{where}: conditional steering reads the prompt before decoding, which this "
-                "engine does not do: use the Hugging Face engine",
-                where,
-            )
-        if not isinstance(raw, dict):
-            raise ApiError(400, f"{where} must be an object {{vector, layer, threshold}}", where)
-        name = raw.get("vector")
-        if not isinstance(name, str) or name not in self.vectors:
-            shown = name[:64] if isinstance(name, str) else name
-            raise ApiError(
-                404, f"unknown vector {shown!r} in {where}", f"{where}.vector", "not_found_error"
-            )
-        layer = raw.get("layer")
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ApiError(400, f"{where}.layer must be an integer", f"{where}.layer")
-        threshold = number(raw.get("threshold"), f"{where}.threshold", -1e9, 1e9)
-        above = raw.get("above", True)
-        if not isinstance(above, bool):
-            raise ApiError(400, f"{where}.above must be true or false", f"{where}.above")
-        reduce = raw.get("reduce", "mean")
-        if reduce not in ("mean", "last"):
-            raise ApiError(400, f"{where}.reduce must be 'mean' or 'last'", f"{where}.reduce")
-        try:
-            return Condition(self.vectors[name], layer, threshold, above, reduce)
-        except SteerlabError as exc:
-            raise ApiError(400, f"{where}: {exc}", where) from None
+            steerings = parse_steerings(raw, self.vectors, self.rules)
+        except EntryError as exc:
+            kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+            raise ApiError(exc.status, str(exc), exc.field, kind) from None
+        text = None
+        for i, s in enumerate(steerings):
+            if s.policy.needs_marker:
+                text = self.lm.tokenizer.decode(prompt_ids) if text is None else text
+                try:
+                    check_marker(s.policy, text)
+                except SteerlabError as exc:
+                    raise ApiError(400, f"steering[{i}]: {exc}", f"steering[{i}].policy") from None
+        return steerings
 
     def _prompt_ids(self, body: dict[str, Any], chat: bool) -> list[int]:
         tok = self.lm.tokenizer
@@ -304,7 +211,7 @@ class Service:
         bound = self.limits.max_multiplier
         multipliers = [number(m, f"multipliers[{i}]", -bound, bound) for i, m in enumerate(raw)]
         explain = integer(body.get("explain", 0), "explain", 0, _MAX_EXPLAIN)
-        if explain and not getattr(self.lm, "supports_explain", False):
+        if explain and not self.lm.capabilities.explain:
             raise ApiError(
                 400,
                 "'explain' needs the unsteered model beside the steered one, which this engine "
@@ -327,11 +234,10 @@ class Service:
             )
         ids, params = self._decoding(body, chat)
         rows = [
-            [] if m == 0 else [self._steering("steering", {**item, "multiplier": m}, ids)]
-            for m in multipliers
+            [] if m == 0 else self.steerings([{**item, "multiplier": m}], ids) for m in multipliers
         ]
         if not any(rows):  # only unsteered rows: still refuse an unknown vector or layer
-            self._steering("steering", {**item, "multiplier": 1.0}, ids)
+            self.steerings([{**item, "multiplier": 1.0}], ids)
         return Comparison(ids, params, multipliers, rows, explain, chat)
 
     def _decoding(self, body: dict[str, Any], chat: bool) -> tuple[list[int], dict[str, Any]]:
@@ -346,12 +252,14 @@ class Service:
                 "max_tokens",
             )
         temperature = number(body.get("temperature", 0.0), "temperature", 0.0, 2.0)
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0  # its limit: greedy (dividing by 1e-300 would overflow)
         top_p = number(body.get("top_p", 1.0), "top_p", 0.0, 1.0, low_open=True)
         seed = body.get("seed")
         if seed is not None:
             seed = integer(seed, "seed", 0, _MAX_SEED)
-        if body.get("n", 1) != 1:
-            raise ApiError(400, "only n=1 is supported", "n")
+        refuse_unsupported(body, chat)
+        stop = stop_strings(body.get("stop"))
         ids = self._prompt_ids(body, chat)
         if len(ids) + max_tokens > self.context:
             raise ApiError(
@@ -365,5 +273,79 @@ class Service:
             "temperature": temperature,
             "top_p": top_p,
             "seed": seed,
+            "stop": stop,
         }
         return ids, params
+
+
+# OpenAI fields this server does not implement, with the value that means "not used": any
+# other value is refused with a 400 naming the field, never ignored.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "best_of": (1,),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "top_k": (None, 0, -1),
+    "min_p": (None, 0, 0.0),
+    "prediction": (None,),
+    "audio": (None,),
+}
+
+
+def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
+    """A 400 naming the first OpenAI field set to something this server does not do."""
+    for name, neutral in UNSUPPORTED.items():
+        if name in body and not any(
+            body[name] == value and type(body[name]) is type(value) or body[name] is value
+            for value in neutral
+        ):
+            raise ApiError(
+                400,
+                f"'{name}' is not supported by this server: leave it out",
+                name,
+            )
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise ApiError(
+            400,
+            "'response_format' other than text is not supported: leave it out",
+            "response_format",
+        )
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or options.get("include_usage")):
+        raise ApiError(
+            400, "'stream_options.include_usage' is not supported: leave it out", "stream_options"
+        )
+
+
+MAX_STOPS = 4  # as OpenAI's API
+MAX_STOP_CHARS = 256
+
+
+def stop_strings(raw: Any) -> list[str]:
+    """The ``stop`` field: a string or a list of up to four non-empty strings."""
+    if raw is None:
+        return []
+    stops = [raw] if isinstance(raw, str) else raw
+    if (
+        not isinstance(stops, list)
+        or len(stops) > MAX_STOPS
+        or not all(isinstance(x, str) and 0 < len(x) <= MAX_STOP_CHARS for x in stops)
+    ):
+        raise ApiError(
+            400,
+            f"'stop' must be a string or a list of up to {MAX_STOPS} non-empty strings of at "
+            f"most {MAX_STOP_CHARS} characters",
+            "stop",
+        )
+    return list(stops)
