@@ -14,10 +14,11 @@ from pathlib import Path
 
 import steerlab
 from steerlab.core.dataset import load_dataset
-from steerlab.evaluation.demo import sentiment_dataset_path
+from steerlab.core.files import sentiment_dataset_path
 from steerlab.evaluation.judges import sentiment
 from steerlab.evaluation.sweep import SweepConfig, run_sweep
 from steerlab.evaluation.sweep_report import recommend
+from steerlab.hf.methods import sweep_extractor
 
 LAYERS = (6, 9, 12)
 MULTIPLIERS = (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0)
@@ -37,7 +38,9 @@ def main() -> None:
             layers=LAYERS, multipliers=MULTIPLIERS, method=method, max_new_tokens=24
         )
         start = time.time()
-        result = run_sweep(lm, data, config, out / method, judge=sentiment())
+        result = run_sweep(
+            lm, data, config, out / method, extractor=sweep_extractor(lm), judge=sentiment()
+        )
         print(f"{method}: {time.time() - start:.0f} s", file=sys.stderr)
         for direction in ("increase", "decrease"):
             best = recommend(result["rows"], dataclasses.replace(config, direction=direction))

@@ -23,6 +23,7 @@ from steerlab.evaluation.metrics import (
 from steerlab.evaluation.policies import compare_policies
 from steerlab.evaluation.sweep import SweepConfig, run_sweep, split
 from steerlab.evaluation.sweep_report import recommend
+from steerlab.hf.methods import sweep_extractor
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,7 @@ def test_sweep_writes_files_resumes_and_plots_open(ab_file, tmp_path):
     data = load_dataset(ab_file)
     cfg = SweepConfig(layers=(1, 3), multipliers=(-2.0, 0.0, 2.0), test_fraction=0.4)
     out = tmp_path / "sweep"
-    result = run_sweep(lm, data, cfg, out)
+    result = run_sweep(lm, data, cfg, out, extractor=sweep_extractor(lm))
     assert len(result["rows"]) == 6
     for name in (
         "results.csv",
@@ -212,10 +213,16 @@ def test_sweep_writes_files_resumes_and_plots_open(ab_file, tmp_path):
     lines = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])
     calls = []
-    again = run_sweep(lm, data, cfg, out, on_row=calls.append)
+    again = run_sweep(lm, data, cfg, out, extractor=sweep_extractor(lm), on_row=calls.append)
     assert len(calls) == 3 and len(again["rows"]) == 6
     with pytest.raises(SteerlabError, match="different run"):
-        run_sweep(lm, data, SweepConfig(layers=(2,), multipliers=(1.0,)), out)
+        run_sweep(
+            lm,
+            data,
+            SweepConfig(layers=(2,), multipliers=(1.0,)),
+            out,
+            extractor=sweep_extractor(lm),
+        )
 
 
 def test_recommendation_rule():
@@ -260,7 +267,7 @@ def test_real_model_small_sweep_on_shared_dataset(tmp_path):
         list(range(120))
     )
     cfg = SweepConfig(layers=(8, 14), multipliers=(-4.0, 0.0, 4.0), max_test_items=24)
-    result = run_sweep(lm, data, cfg, tmp_path)
+    result = run_sweep(lm, data, cfg, tmp_path, extractor=sweep_extractor(lm))
     rows = {(r["layer"], r["multiplier"]): r["behaviour"] for r in result["rows"]}
     assert len(rows) == 6 and all(0 <= v <= 1 for v in rows.values())
     # The 135M model is near chance on these items (../shared/datasets/README.md), so only
@@ -273,7 +280,7 @@ def test_real_model_small_sweep_on_shared_dataset(tmp_path):
 @pytest.mark.slow
 def test_real_model_sentiment_vector_changes_greedy_output():
     from steerlab import generate, load_model
-    from steerlab.evaluation.demo import sentiment_dataset_path
+    from steerlab.core.files import sentiment_dataset_path
     from steerlab.hf.extraction import extract
 
     lm = load_model()

@@ -19,21 +19,14 @@ def _module(path: Path) -> str:
 
 
 def _imports() -> dict[str, set[str]]:
-    """Every steerlab import of every module, lazy (function-level) ones included."""
+    """Every steerlab import of every module: lazy (function-level) ones and type-only ones
+    (under ``if TYPE_CHECKING``) included, since a type is a dependency too."""
     modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         found: set[str] = set()
         tree = ast.parse(path.read_text())
-        typing_only = {
-            id(n)
-            for block in ast.walk(tree)
-            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-            for n in ast.walk(block)
-        }
         for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             elif isinstance(node, ast.Import):
@@ -71,10 +64,44 @@ def test_no_import_cycles_between_modules():
             visit(node)
 
 
+def test_the_graph_counts_type_only_imports():
+    """A module whose only import of another is under TYPE_CHECKING still has the edge."""
+    tree = (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from steerlab.core import plan\n"
+    )
+    path = PACKAGE / "core" / "_layout_probe.py"
+    path.write_text(tree)
+    try:
+        assert "steerlab.core.plan" in _imports()["steerlab.core._layout_probe"]
+    finally:
+        path.unlink()
+
+
 def test_core_knows_no_engine():
     for name, targets in _imports().items():
         if name.startswith("steerlab.core"):
             bad = {t for t in targets if not t.startswith(("steerlab.core", "steerlab._version"))}
+            assert not bad, f"{name} imports {bad}"
+
+
+def test_evaluation_and_serving_talk_to_engines_only_through_the_seam():
+    """Neither evaluation nor serving imports an engine package (hf, vllm): they take an
+    :class:`steerlab.core.engine.Engine` (the CLI, or the engine registry, starts one)."""
+    engines = ("steerlab.hf", "steerlab.vllm")
+    for name, targets in _imports().items():
+        if name.startswith(("steerlab.evaluation", "steerlab.serving")):
+            bad = {t for t in targets if t.startswith(engines)}
+            assert not bad, f"{name} imports {bad}"
+
+
+def test_engines_do_not_import_each_other_or_the_layers_above():
+    above = ("steerlab.evaluation", "steerlab.serving", "steerlab.cli")
+    for name, targets in _imports().items():
+        if name.startswith("steerlab.hf"):
+            bad = {t for t in targets if t.startswith(("steerlab.vllm", *above))}
+            assert not bad, f"{name} imports {bad}"
+        if name.startswith("steerlab.vllm"):
+            bad = {t for t in targets if t.startswith(above)}
             assert not bad, f"{name} imports {bad}"
 
 

@@ -291,8 +291,9 @@ def test_conditions_outside_decode_and_bad_conditions_are_refused(llama):
 
 
 def test_fit_condition_separates_a_labelled_set(llama):
+    from steerlab.core.condition import best_threshold
     from steerlab.core.dataset import Dataset, Text
-    from steerlab.evaluation.conditions import best_threshold, fit_condition
+    from steerlab.hf.condition_fit import fit_condition
 
     assert best_threshold([3.0, 4.0], [1.0, 2.0]) == (2.5, True, 1.0)
     assert best_threshold([1.0, 2.0], [3.0, 4.0]) == (2.5, False, 1.0)

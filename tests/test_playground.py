@@ -14,9 +14,10 @@ import tiny
 from helpers import random_vector, start_server
 from test_compare import write_sweep
 
-from steerlab.evaluation import pages, projection
+from steerlab.evaluation import pages
 from steerlab.evaluation.sweep_summary import read_sweep
 from steerlab.formats import load_vector, save_vector
+from steerlab.hf import projection
 from steerlab.serving.app import Limits, create_app, load_vectors
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -228,7 +229,7 @@ def test_real_model_readme_screenshots(browser, tmp_path):
     """README's two images: the default model with the shipped sentiment vector."""
     from steerlab import load_model
     from steerlab.core.dataset import load_dataset
-    from steerlab.evaluation.demo import sentiment_dataset_path
+    from steerlab.core.files import sentiment_dataset_path
     from steerlab.evaluation.plots import contrast_histogram
     from steerlab.hf.extraction import extract
 

@@ -10,7 +10,8 @@ import torch
 from helpers import make_steering, random_vector
 
 from steerlab.core.errors import SteerlabError
-from steerlab.evaluation import pages, projection
+from steerlab.evaluation import pages
+from steerlab.hf import projection
 from steerlab.serving.batcher import Batcher, Job
 
 

@@ -22,6 +22,7 @@ from steerlab.evaluation.metrics import (
 from steerlab.evaluation.sweep import SweepConfig, neutral_prompts, run_sweep
 from steerlab.evaluation.sweep_report import halves, recommend
 from steerlab.formats import load_vector
+from steerlab.hf.methods import sweep_extractor
 
 PROMPTS = ("the cat", "a dog ran", "hello there friend", "rain", "sun and sea", "ok")
 JUDGE = keywords(["e", "a"])
@@ -68,7 +69,7 @@ def test_batched_free_text_cells_equal_the_per_cell_loop(lm, pairs_file, tmp_pat
         max_new_tokens=8,
         batch_rows=40,  # several batches of whole cells
     )
-    result = run_sweep(lm, data, config, tmp_path / "s", judge=JUDGE)
+    result = run_sweep(lm, data, config, tmp_path / "s", extractor=sweep_extractor(lm), judge=JUDGE)
     rows = result["rows"]
     assert len(rows) == 2 * 3 * 2
     vector = load_vector(tmp_path / "s" / "vector.safetensors")
@@ -90,7 +91,7 @@ def test_batched_free_text_cells_equal_the_per_cell_loop(lm, pairs_file, tmp_pat
 def test_batched_ab_cells_equal_the_per_cell_loop(lm, ab_file, tmp_path):
     data = load_dataset(ab_file)
     config = SweepConfig(layers=(1, 3), multipliers=(-2.0, 0.0, 2.0), test_fraction=0.5)
-    result = run_sweep(lm, data, config, tmp_path / "ab")
+    result = run_sweep(lm, data, config, tmp_path / "ab", extractor=sweep_extractor(lm))
     vector = load_vector(tmp_path / "ab" / "vector.safetensors")
     from steerlab.evaluation.sweep import split
 
@@ -118,7 +119,7 @@ def test_the_recommendation_is_chosen_on_one_half_and_reported_on_the_other(
         max_new_tokens=8,
         perplexity_bound=1e6,  # a random model: every cell is disfluent
     )
-    result = run_sweep(lm, data, config, tmp_path / "h", judge=JUDGE)
+    result = run_sweep(lm, data, config, tmp_path / "h", extractor=sweep_extractor(lm), judge=JUDGE)
     best = result["recommendation"]
     assert best is not None
     sel, rep = halves(len(PROMPTS), config.seed)
@@ -187,14 +188,16 @@ def test_policy_and_context_axes_extract_once_per_context(lm, pairs_file, tmp_pa
         contexts=("chat", "raw"), prompts=PROMPTS[:2], max_new_tokens=4,
     )  # fmt: skip
     out = tmp_path / "axes"
-    result = run_sweep(lm, data, config, out, judge=JUDGE)
+    result = run_sweep(lm, data, config, out, extractor=sweep_extractor(lm), judge=JUDGE)
     keys = {(r["context"], r["policy"], r["multiplier"]) for r in result["rows"]}
     assert len(keys) == 2 * 2 * 2
     chat, raw = load_vector(out / "vector.safetensors"), load_vector(out / "vector-raw.safetensors")
     assert chat.notes["chat"] is True and raw.notes["chat"] is False
     assert not chat.directions[1].equal(raw.directions[1])
     calls = []
-    run_sweep(lm, data, config, out, judge=JUDGE, on_row=calls.append)  # resumes: nothing to do
+    run_sweep(
+        lm, data, config, out, extractor=sweep_extractor(lm), judge=JUDGE, on_row=calls.append
+    )  # resumes: nothing to do
     assert calls == []
 
 
@@ -241,7 +244,7 @@ def test_sampled_completions_per_prompt_are_averaged(lm, pairs_file, tmp_path):
     config = SweepConfig(
         layers=(1,), multipliers=(0.0, 4.0), prompts=PROMPTS[:3], samples=3, max_new_tokens=6,
     )  # fmt: skip
-    result = run_sweep(lm, data, config, tmp_path / "k", judge=JUDGE)
+    result = run_sweep(lm, data, config, tmp_path / "k", extractor=sweep_extractor(lm), judge=JUDGE)
     for row in result["rows"]:
         assert len(row["items"]) == 3 and row["n_test"] == 3
 

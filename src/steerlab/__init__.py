@@ -26,7 +26,8 @@ from steerlab.core.sampling import Sampling
 from steerlab.core.steering import Steering
 from steerlab.core.vector import DatasetInfo, ModelIdentity, SteeringVector
 from steerlab.formats import export_gguf, import_gguf, load_vector, save_vector
-from steerlab.hf.decoding import decode, generate
+from steerlab.hf.decoding import decode
+from steerlab.hf.engine import generate
 from steerlab.hf.extraction import extract
 from steerlab.hf.hooks import no_steering, steer
 from steerlab.hf.layers import LayerMap, find_layers, resolve_layers

@@ -1,11 +1,17 @@
-"""steerlab inside stock vLLM (the CPU build): exact policies on continuous batches.
+"""steerlab inside stock vLLM (the CPU build): exact policies and operators on continuous
+batches, in vLLM's default compiled mode and in eager mode.
 
-One in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) on the default model in
-float32 serves every test; steerlab's Hugging Face ``decode`` is the reference.
+One in-process engine per mode (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) on the default model
+in float32 serves every test of that mode. The reference is the plain uncached one
+(:func:`steerlab.hf.reference.reference_generate`: the whole sequence recomputed at every
+step, one hook per steered position): greedy tokens must be equal, and each chosen token's
+log-probability within 2e-3 of the reference's (inductor may reorder sums).
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 
 import pytest
@@ -15,13 +21,15 @@ vllm = pytest.importorskip(
     "vllm", reason="vLLM is not installed here (make test builds .venv-vllm)"
 )
 
-from steerlab import Sampling, Steering, SteeringVector, decode, load_model, save_vector  # noqa: E402
-from steerlab.core.policy import Policy  # noqa: E402
-from steerlab.core.prompts import encode_prompts, left_padded  # noqa: E402
+from steerlab import SteeringVector, load_model, save_vector  # noqa: E402
+from steerlab.core.prompts import encode_prompts  # noqa: E402
+from steerlab.core.requests import Rules, parse_steerings  # noqa: E402
+from steerlab.hf.reference import reference_generate  # noqa: E402
 from steerlab.vllm import extra_args, model_dir  # noqa: E402
 
 pytestmark = pytest.mark.slow
-TOKENS = 32
+TOKENS = 24
+LOGPROB_TOLERANCE = 2e-3
 PROMPTS = [
     "Write a sentence about the ocean.",
     "Hi",
@@ -31,9 +39,7 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+def hf(tmp_path_factory):
     lm = load_model("smollm2-135m", device="cpu", dtype="float32")
     d = lm.info.hidden_size
     gen = torch.Generator().manual_seed(0)
@@ -49,69 +55,96 @@ def setup(tmp_path_factory):
     }
     for name, vec in vecs.items():
         save_vector(vec, folder / f"{name}.safetensors")
-    os.environ["STEERLAB_VECTORS"] = str(folder)
-    from steerlab.vllm import plugin
+    ids = [encode_prompts(lm.tokenizer, [p])[0][0].tolist() for p in PROMPTS]
+    return lm, vecs, ids, folder
 
-    plugin._registry = None  # this process may have loaded an empty registry before
+
+@pytest.fixture(scope="module", params=["compiled", "eager"])
+def setup(request, hf):
+    lm, vecs, ids, folder = hf
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["STEERLAB_VECTORS"] = str(folder)
+    from steerlab.vllm import registry
+
+    registry.reset()  # this process loads the test's folder
+    import torch._dynamo
+
+    torch._dynamo.utils.counters.clear()
     llm = vllm.LLM(
         model=str(model_dir("smollm2-135m")),
         dtype="float32",
-        enforce_eager=True,
+        enforce_eager=request.param == "eager",
         max_model_len=512,
         max_num_seqs=8,
         enable_prefix_caching=True,
         seed=0,
     )
-    ids = [
-        encode_prompts(lm.tokenizer, [p])[0][0].tolist() for p in PROMPTS
-    ]  # chat-templated ids, unpadded
-    return lm, llm, vecs, ids
+    yield lm, llm, vecs, ids, request.param
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
 
 
-def _vllm(llm, prompts, entries_per_row, salt=None):
+def _run(llm, prompts, entries_per_row, logprobs=False, salt=None, tokens=TOKENS):
     from vllm import SamplingParams, TokensPrompt
 
     params = [
         SamplingParams(
-            max_tokens=TOKENS,
+            max_tokens=tokens,
             temperature=0.0,
             ignore_eos=True,
+            logprobs=1 if logprobs else None,
             extra_args=extra_args(e) if e else None,
         )
         for e in entries_per_row
     ]
-    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    inputs = []
+    for p in prompts:
+        prompt = TokensPrompt(prompt_token_ids=list(p))
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        inputs.append(prompt)
     outs = llm.generate(inputs, params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-
-def _hf(lm, vecs, prompts, entries_per_row):
-    rows = []
-    for entries in entries_per_row:
-        rows.append(
+    if not logprobs:
+        return [list(o.outputs[0].token_ids) for o in outs]
+    return [
+        (
+            list(o.outputs[0].token_ids),
             [
-                Steering(
-                    vecs[e["vector"]],
-                    e.get("multiplier", 1.0),
-                    None if e.get("layers") is None else tuple(e["layers"]),
-                    Policy.parse(e.get("policy", "after-prompt")),
-                    operator=e.get("operator", "add"),
-                    clamp=None if e.get("clamp") is None else tuple(e["clamp"]),
-                )
-                for e in entries
-            ]
+                step[t].logprob
+                for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)
+            ],
         )
-    ids, mask = left_padded(lm.tokenizer, prompts)
-    out = decode(
-        lm.model,
-        ids,
-        mask,
-        rows,
-        Sampling(TOKENS, stop_at_eos=False),
-        layer_map=lm.layers,
-        tokenizer=lm.tokenizer,
-    )
-    return out.tokens.tolist()
+        for o in outs
+    ]
+
+
+_references: dict[str, tuple[list[int], list[float]]] = {}
+
+
+def _reference(lm, vecs, prompt, entries, tokens=TOKENS):
+    """Greedy tokens and each token's log-probability from the plain uncached reference
+    (memoised: both modes compare with the same reference)."""
+    key = json.dumps([prompt, entries, tokens])
+    if key not in _references:
+        rules = Rules(num_layers=lm.info.num_layers, transient=False, sites=False, conditions=False)
+        steerings = parse_steerings(entries, vecs, rules)
+        out, logits = reference_generate(
+            lm.model, prompt, steerings, tokens, lm.layers, lm.tokenizer
+        )
+        logp = torch.log_softmax(logits.float(), -1)
+        _references[key] = (out, [float(logp[i, t]) for i, t in enumerate(out)])
+    return _references[key]
+
+
+def _assert_exact(lm, vecs, llm, prompts, rows, tokens=TOKENS):
+    got = _run(llm, prompts, rows, logprobs=True, tokens=tokens)
+    for prompt, entries, (tok, lps) in zip(prompts, rows, got, strict=True):
+        ref_tok, ref_lps = _reference(lm, vecs, prompt, entries, tokens)
+        assert tok == ref_tok, entries
+        worst = max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True))
+        assert worst < LOGPROB_TOLERANCE, (entries, worst)
 
 
 POLICIES = [
@@ -119,40 +152,64 @@ POLICIES = [
     ("all", "joy"),
     ("prompt", "calm"),
     ("from-marker:assistant", "joy"),
+    ("from-marker:<|im_start|>", "calm"),
     ("actadd", "front"),
     ("window:2-9", "calm"),
     ("window:0-", "joy"),
+    ("window:3-", "calm"),
 ]
 
 
 @pytest.mark.parametrize(("policy", "vector"), POLICIES)
-def test_every_policy_equals_the_hugging_face_engine(setup, policy, vector):
-    lm, llm, vecs, ids = setup
+def test_every_policy_equals_the_plain_reference_and_changes_the_text(setup, policy, vector):
+    lm, llm, vecs, ids, mode = setup
     one_layer = [{"vector": vector, "multiplier": 4.0, "layers": [9], "policy": policy}]
     several = [{"vector": vector, "multiplier": 3.0, "policy": policy}]
+    plain = _run(llm, ids, [[]] * len(ids))
     for entries in (one_layer, several):
         rows = [entries] * len(ids)
-        assert _vllm(llm, ids, rows) == _hf(lm, vecs, ids, rows), (policy, entries)
+        _assert_exact(lm, vecs, llm, ids, rows)
+        # a policy the plugin ignored would leave every prompt's text as it was
+        assert _run(llm, ids, rows) != plain, (mode, policy, entries)
 
 
-def test_ablate_and_clamp_equal_the_hugging_face_engine(setup):
-    lm, llm, vecs, ids = setup
+OPERATOR_POLICIES = [
+    "after-prompt",
+    "all",
+    "prompt",
+    "from-marker:assistant",
+    "window:2-9",
+    "window:1-",
+]
+
+
+@pytest.mark.parametrize("policy", OPERATOR_POLICIES)
+def test_every_operator_under_every_policy_equals_the_plain_reference(setup, policy):
+    lm, llm, vecs, ids, mode = setup
     rows = [
-        [{"vector": "joy", "operator": "ablate", "policy": "all"}],
-        [{"vector": "calm", "operator": "clamp", "clamp": [3.0, 3.0], "layers": [9]}],
+        [{"vector": "joy", "operator": "ablate", "policy": policy}],
         [
-            {"vector": "joy", "operator": "ablate", "layers": [9]},
-            {"vector": "calm", "multiplier": 4.0, "layers": [9]},
+            {
+                "vector": "calm",
+                "operator": "clamp",
+                "clamp": [3.0, 3.0],
+                "layers": [9],
+                "policy": policy,
+            }
         ],
-        [],
+        [
+            {"vector": "joy", "operator": "ablate", "layers": [9], "policy": policy},
+            {"vector": "calm", "multiplier": 4.0, "layers": [9], "policy": policy},
+        ],
     ]
-    together = _vllm(llm, ids, rows)
-    assert together == _hf(lm, vecs, ids, rows)
-    assert together[1] != _vllm(llm, ids[1:2], [[]])[0]  # the clamp changed the text
+    prompts = [ids[0], ids[2], ids[3]]
+    _assert_exact(lm, vecs, llm, prompts, rows, tokens=16)
+    changed = _run(llm, prompts, rows, tokens=16) != _run(llm, prompts, [[]] * 3, tokens=16)
+    assert changed, (mode, policy)
 
 
 def test_concurrent_mixed_requests_equal_each_alone(setup):
-    lm, llm, vecs, ids = setup
+    lm, llm, vecs, ids, mode = setup
     mixes = [
         [{"vector": "joy", "multiplier": 4.0, "policy": "after-prompt"}],
         [],
@@ -164,46 +221,100 @@ def test_concurrent_mixed_requests_equal_each_alone(setup):
             {"vector": "calm", "multiplier": 6.0, "policy": "prompt"},
             {"vector": "joy", "multiplier": -2.0},
         ],
-        [{"vector": "joy", "multiplier": 8.0, "layers": [9]}],
+        [{"vector": "joy", "operator": "ablate", "layers": [9]}],
     ]
     prompts = [ids[i % len(ids)] for i in range(len(mixes))]
-    together = _vllm(llm, prompts, mixes)
-    alone = [_vllm(llm, [p], [m])[0] for p, m in zip(prompts, mixes, strict=True)]
+    together = _run(llm, prompts, mixes)
+    alone = [_run(llm, [p], [m])[0] for p, m in zip(prompts, mixes, strict=True)]
     assert together == alone
-    plain = _vllm(llm, prompts, [[]] * len(prompts))
+    plain = _run(llm, prompts, [[]] * len(prompts))
     assert together[1] == plain[1] and together[5] == plain[5]  # unsteered rows untouched
-    assert together[0] != plain[0]
+    assert all(together[i] != plain[i] for i in (0, 2, 3, 4, 6, 7))
 
 
-def test_prefix_caching_never_mixes_steered_and_unsteered_blocks(setup):
-    lm, llm, vecs, ids = setup
-    long = ids[3] * 3  # several full KV blocks of shared prefix
-    steered = [{"vector": "calm", "multiplier": 4.0, "policy": "all"}]
-    a = _vllm(llm, [long], [steered])
-    b = _vllm(llm, [long], [[]])
-    c = _vllm(llm, [long], [steered])
-    assert a == c and a != b
-    assert a == _hf(lm, vecs, [long], [steered])
-    assert b == _hf(lm, vecs, [long], [[]])
+def _two_turns(lm, llm, first, second, salt):
+    """Turn 1 generates 64 tokens steered by ``first``; turn 2's prompt is turn 1's prompt,
+    its generated ids and a new user turn, steered by ``second``."""
+    from steerlab.core.prompts import prompt_ids
+
+    tok = lm.tokenizer
+    prompt = prompt_ids(tok, "Tell me a story about a lighthouse keeper.", chat=True)
+    turn1 = _run(llm, [prompt], [first], tokens=64)[0]
+    follow = tok(
+        "<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n",
+        add_special_tokens=False,
+    )["input_ids"]
+    return _run(llm, [prompt + turn1 + follow], [second], salt=salt, tokens=24)[0]
 
 
 @pytest.mark.parametrize(
-    ("entries", "message"),
+    ("first", "second"),
     [
-        ([{"vector": "nope"}], "unknown vector"),
-        ([{"vector": "joy", "layers": [99]}], "has no layer 99"),
-        ([{"vector": "joy", "multiplier": float("inf")}], "finite"),
-        ([{"vector": "../../etc/passwd"}], "unknown vector"),
-        ([{"vector": "joy", "policy": "transient"}], "Hugging Face engine"),
-        ([{"vector": "joy", "operator": "clamp", "clamp": [2, 1]}], "lo > hi"),
-        ([{"vector": "joy", "operator": "spin"}], "operator must be one of"),
-        ([{"vector": "joy", "site": "mlp"}], "Hugging Face engine only"),
-        ([{"vector": "joy", "condition": {"vector": "calm", "layer": 9}}], "Hugging Face"),
+        ("window:1-", "window:1-"),
+        ("window:1-", None),
+        ("after-prompt", "after-prompt"),
+        (None, None),
+        ("all", None),
+        (None, "after-prompt"),
     ],
 )
-def test_bad_steering_is_refused_before_the_engine(setup, entries, message):
-    from vllm import SamplingParams
+def test_prefix_caching_equals_recomputation_across_turns(setup, first, second):
+    """A block is reused only when this request's recomputation would write the same keys and
+    values: turn 2 equals the same request under a fresh cache salt (nothing shared)."""
+    lm, llm, vecs, ids, mode = setup
+
+    def entries(policy):
+        return [] if policy is None else [{"vector": "calm", "multiplier": 8.0, "policy": policy}]
+
+    # the steering of turn 1 really changes turn 2's prompt (else the case tests nothing)
+    if first is not None:
+        assert _two_turns(lm, llm, entries(first), [], "a") != _two_turns(lm, llm, [], [], "b")
+
+    shared = _two_turns(lm, llm, entries(first), entries(second), salt=None)
+    fresh = _two_turns(lm, llm, entries(first), entries(second), salt=f"fresh-{first}-{second}")
+    assert shared == fresh, (first, second)
+
+
+def test_bad_steering_is_refused_before_the_engine_and_the_engine_serves_on(setup):
+    from vllm import SamplingParams, TokensPrompt
     from vllm.exceptions import VLLMValidationError
 
-    with pytest.raises(VLLMValidationError, match=message):
-        SamplingParams(max_tokens=4, extra_args=extra_args(entries))
+    lm, llm, vecs, ids, mode = setup
+    for entries, message in [
+        ([{"vector": "nope"}], "unknown vector"),
+        ([{"vector": "joy", "layers": [99]}], "layer 99 does not exist"),
+        ([{"vector": "joy", "layers": [9, 9]}], "twice"),
+        ([{"vector": "joy", "multiplier": float("inf")}], "finite"),
+        ([{"vector": "joy", "multiplier": 600}, {"vector": "joy", "multiplier": 600}], "cap"),
+        ([{"vector": "../../etc/passwd"}], "unknown vector"),
+        ([{"vector": "joy", "policy": "transient"}], "Hugging Face engine"),
+        ([{"vector": "joy", "policy": "window:99999999999999999999-"}], "window bounds"),
+        ([{"vector": "joy", "policy": "window:600-"}], "context"),
+        ([{"vector": "joy", "policy": "from-marker:QQQ"}], "does not occur"),
+        ([{"vector": "joy", "operator": "clamp", "clamp": [2, 1]}], "lo > hi"),
+        ([{"vector": "joy", "operator": "spin"}], "operator must be one of"),
+        ([{"vector": "joy", "site": "mlp"}], "Hugging Face engine"),
+        ([{"vector": "joy", "condition": {"vector": "calm", "layer": 9}}], "Hugging Face"),
+        (
+            [
+                {"vector": "joy", "operator": "ablate", "layers": [9]},
+                {"vector": "calm", "operator": "ablate", "layers": [9]},
+            ],
+            "ablate/clamp",
+        ),
+    ]:
+        params = SamplingParams(max_tokens=4, extra_args=extra_args(entries))
+        with pytest.raises(VLLMValidationError, match=message):
+            llm.generate([TokensPrompt(prompt_token_ids=ids[0])], params, use_tqdm=False)
+        assert len(_run(llm, [ids[1]], [[]], tokens=4)[0]) == 4  # and it serves on
+
+
+def test_compiled_mode_traces_the_steering_with_no_graph_break(setup):
+    lm, llm, vecs, ids, mode = setup
+    if mode != "compiled":
+        pytest.skip("eager mode compiles nothing")
+    import torch._dynamo
+
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    assert not breaks, breaks
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1

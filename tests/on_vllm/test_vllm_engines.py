@@ -1,5 +1,5 @@
-"""vLLM's machinery with other engine settings, each in its own process: tensor
-parallelism, preemption with recomputation, and the refusal of compiled (non-eager) engines.
+"""vLLM's machinery with other engine settings, each in its own process: tensor and
+pipeline parallelism, preemption with recomputation, and vectors made for another model.
 
 SmolLM2-135M has 9 attention heads (3 KV heads), so TP=2 cannot split it; TP=3 can, with
 the threads of 3 workers bound by hand to this machine's 2 cores.
@@ -98,9 +98,40 @@ def test_preemption_and_chunked_prefill_keep_the_semantics(setup):
     assert _tokens(tight) == alone
 
 
-def test_a_compiled_engine_is_refused(setup):
+def test_pipeline_parallel_2_equals_1(setup):
+    """Two pipeline stages (layers 0-14 and 15-29, each stage steering its own layers)."""
     env, prompts = setup
-    result = _run({"enforce_eager": False}, [[prompts[0], STEERINGS[1]]], env)
-    assert result.returncode != 0
-    said = result.stdout + result.stderr  # the engine core logs its failure to stdout
-    assert "steerlab steers vLLM in eager mode only" in said and "--enforce-eager" in said
+    requests = [[prompts[1], s] for s in STEERINGS]
+    one = _tokens(_run({}, requests, env))
+    two = _run(
+        {"pipeline_parallel_size": 2, "distributed_executor_backend": "mp"},
+        requests,
+        {**env, "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+    )
+    if (
+        two.returncode != 0
+        and "pipeline" in (two.stdout + two.stderr).lower()
+        and ("not supported" in (two.stdout + two.stderr).lower())
+    ):
+        pytest.skip("this vLLM CPU build does not run pipeline parallelism")
+    assert _tokens(two) == one
+
+
+@pytest.mark.parametrize(
+    ("width", "layers", "message"),
+    [(1024, (9,), "hidden size 1024"), (64, (9,), "hidden size 64"), (576, (9, 35), "40-layer")],
+)
+def test_a_vector_for_another_model_stops_the_engine_at_start(
+    setup, tmp_path, width, layers, message
+):
+    """A vector whose width or layers do not fit the served model is refused when the
+    engine starts (as `steerlab serve` does), never inside a forward."""
+    env, prompts = setup
+    from steerlab.core.vector import ModelIdentity
+
+    other = ModelIdentity("other", "llama", width, 40)
+    vec = SteeringVector({k: torch.ones(width) for k in layers}, other)
+    save_vector(vec, tmp_path / "wide.safetensors")
+    result = _run({}, [[prompts[0], []]], {**env, "STEERLAB_VECTORS": str(tmp_path)})
+    said = result.stdout + result.stderr
+    assert result.returncode != 0 and "wide" in said and message in said, said[-2000:]

@@ -86,7 +86,6 @@ def test_server_routes_steer_and_refuse_bad_input(vectors, route):
             "m",
             "--dtype",
             "float32",
-            "--enforce-eager",
             "--max-model-len",
             "1024",
             "--port",
@@ -125,12 +124,20 @@ def test_server_routes_steer_and_refuse_bad_input(vectors, route):
             ([{"vector": "joy", "multiplier": 1e9}], "multiplier"),
             ([{"vector": "../joy"}], "unknown vector"),
             ([{"vector": "joy", "policy": "transient"}], "Hugging Face engine"),
+            ([{"vector": "joy", "policy": "window:99999999999999999999-"}], "window bounds"),
+            ([{"vector": "joy", "layers": [9, 9]}], "twice"),
+            ([{"vector": "late"}], "unknown vector"),  # added to the folder after start
         ):
+            if bad[0]["vector"] == "late":
+                (vectors / "late.safetensors").hardlink_to(vectors / "joy.safetensors")
             r = _chat(base, bad, route)
             assert 400 <= r.status_code < 500, (bad, r.status_code, r.text)
             error = r.json()["error"]
             assert fragment in error["message"] and "type" in error, (bad, error)
-        assert _chat(base, None, route).status_code == 200  # and it keeps serving
+            after = _chat(base, None, route)  # each refusal leaves the engine serving
+            assert (
+                after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == a
+            )
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -171,3 +178,86 @@ def test_generate_command_on_vllm_equals_the_hugging_face_engine(vectors):
     texts = [c["text"] for c in on_vllm["completions"]]
     assert len(texts) == 2 and texts[0] != texts[1]
     assert on_vllm["completions"] == on_hf["completions"]
+
+
+@pytest.fixture(scope="module")
+def steerlab_vllm(vectors):
+    port = _port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [sys.executable, "-m", "steerlab.cli", "serve", "--engine", "vllm", "--vectors",
+           str(vectors), "--port", str(port), "--max-tokens", "400"]  # fmt: skip
+    proc = _start(cmd, env, base)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def _body(max_tokens: int, stream: bool = False) -> bytes:
+    return json.dumps(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "Tell me a very long story about the sea."}],
+            "max_tokens": max_tokens,
+            "stream": stream,
+            "steering": [{"vector": "joy", "multiplier": 4}],
+        }
+    ).encode()
+
+
+def _open(base: str, payload: bytes) -> socket.socket:
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=120)
+    sock.sendall(
+        (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        + payload
+    )
+    return sock
+
+
+def test_steerlab_serve_on_vllm_streams_token_by_token(steerlab_vllm):
+    """Each token reaches the client as vLLM makes it (not when a batch is done)."""
+    sock = _open(steerlab_vllm, _body(48, stream=True))
+    arrivals, data = [], b""
+    try:
+        while b"[DONE]" not in data:
+            chunk = sock.recv(4096)
+            assert chunk, "the stream closed early"
+            data += chunk
+            arrivals += [time.monotonic()] * chunk.count(b"data: ")
+    finally:
+        sock.close()
+    assert len(arrivals) >= 20
+    # the first half of the events came well before the last one
+    assert arrivals[len(arrivals) // 2] < arrivals[-1] - 0.3, arrivals
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_steerlab_serve_on_vllm_aborts_a_client_that_leaves(steerlab_vllm, stream):
+    """A 400-token request abandoned while its tokens flow is aborted in vLLM: the next short
+    request completes within its usual time + 1 s."""
+
+    def short() -> float:
+        start = time.monotonic()
+        r = httpx.post(
+            steerlab_vllm + "/v1/chat/completions", content=_body(4),
+            headers={"Content-Type": "application/json"}, timeout=120,
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        return time.monotonic() - start
+
+    usual = min(short() for _ in range(2))
+    sock = _open(steerlab_vllm, _body(400, stream=stream))
+    if stream:
+        data = b""
+        while data.count(b"data: ") < 5:  # tokens are flowing
+            data += sock.recv(4096)
+    else:
+        time.sleep(2.0)  # the request runs; nothing is sent before its end
+    sock.close()
+    time.sleep(0.3)
+    after = short()
+    assert after < usual + 1.0, (usual, after)

@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from steerlab.cli import conditions, evaluate, steering, vectors, views  # noqa: F401  (register the commands)
+from steerlab.cli import conditions, evaluate, policies, steering, vectors, views  # noqa: F401  (register the commands)
 from steerlab.cli.common import app, fail
 from steerlab.core.errors import SteerlabError
 

@@ -32,6 +32,12 @@ AllowMismatchOpt = typer.Option(
     "--allow-model-mismatch",
     help="Use a vector made on another model of the same shape.",
 )
+EngineOpt = typer.Option(
+    "hf", "--engine", help=__import__("steerlab.engines").engines.engine_help()
+)
+EagerOpt = typer.Option(
+    False, "--enforce-eager", help="vLLM only: run eagerly instead of its compiled graph."
+)
 LayersPathOpt = typer.Option(
     None, "--layers-path", help="Dotted path of the decoder blocks, e.g. model.layers."
 )
@@ -42,6 +48,55 @@ def load(model: str, device: str | None, dtype: str | None, layers_path: str | N
 
     with err.status(f"loading {model}"):
         return load_model(model, device=device, dtype=dtype, layers_path=layers_path)
+
+
+def engine_loader(
+    name: str,
+    model: str,
+    device: str | None,
+    dtype: str | None,
+    *,
+    vectors: Path | None = None,
+    eager: bool = False,
+    allow_mismatch: bool = False,
+) -> Any:
+    """A function that starts the named engine (from the registry) when first called."""
+    from steerlab.engines import EngineOptions, engine_entry
+
+    entry = engine_entry(name)
+    started: list[Any] = []
+
+    def start() -> Any:
+        if not started:
+            if name == "hf":
+                started.append(load(model, device, dtype))
+            else:
+                if allow_mismatch:
+                    import os
+
+                    os.environ["STEERLAB_ALLOW_MODEL_MISMATCH"] = "1"
+                options = EngineOptions(model, device, dtype, vectors, eager)
+                with err.status(f"starting {name} with {model}"):
+                    started.append(entry.load(options))
+        return started[0]
+
+    return start
+
+
+def linked_folder(vector: Path) -> Path:
+    """A new folder holding a link to one vector file (a registry for one vector)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="steerlab-vectors-"))
+    (folder / f"v{vector.suffix.lower()}").symlink_to(vector.resolve())
+    return folder
+
+
+def model_layers(model: str) -> int:
+    """The decoder blocks of a model spec, from its config (no weights loaded)."""
+    from steerlab.hf.model import config_of
+
+    return config_of(model)
 
 
 def steerings_of(
@@ -84,25 +139,10 @@ def clamp_range(text: str | None) -> tuple[float, float] | None:
 def judge_of(
     judge: str, keywords: str | None, judge_url: str | None, judge_model: str, behaviour: str
 ) -> Any:
-    from steerlab.evaluation import judges
+    """The judge a command's options name (the registry in :mod:`steerlab.evaluation.judges`)."""
+    from steerlab.evaluation.judges import make_judge
 
-    if keywords:
-        return judges.keywords(keywords.split(","))
-    if judge == "sentiment":
-        return judges.sentiment()
-    if judge == "casual":
-        return judges.casual()
-    if judge == "llm":
-        if not judge_url:
-            raise SteerlabError("--judge llm needs --judge-url, e.g. http://127.0.0.1:8000/v1")
-        return judges.llm(judge_url, judge_model, behaviour)
-    if judge == "axbench":
-        if not judge_url:
-            raise SteerlabError("--judge axbench needs --judge-url, e.g. http://127.0.0.1:8000/v1")
-        return judges.axbench(judge_url, judge_model, behaviour)
-    raise SteerlabError(
-        f"unknown judge '{judge}': use sentiment, casual, llm, axbench, or --keywords word1,word2"
-    )
+    return make_judge(judge, keywords, judge_url, judge_model, behaviour)
 
 
 def print_rows(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:

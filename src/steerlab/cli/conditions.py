@@ -11,6 +11,7 @@ from steerlab.cli.common import (
     AllowMismatchOpt,
     DeviceOpt,
     DtypeOpt,
+    EngineOpt,
     ModelOpt,
     app,
     load,
@@ -52,6 +53,7 @@ def fit(
     ),
     allow_model_mismatch: bool = AllowMismatchOpt,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    engine: str = EngineOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
 ) -> None:
@@ -59,9 +61,11 @@ def fit(
     dataset's positive prompts (steer) from its negative ones (don't), and its accuracy."""
     from steerlab.core.condition import Condition
     from steerlab.core.dataset import load_dataset
-    from steerlab.evaluation.conditions import fit_condition
+    from steerlab.engines import require
     from steerlab.formats import load_vector
+    from steerlab.hf.condition_fit import fit_condition
 
+    require(engine, "activations", "condition fit")  # it reads the prompts' activations
     if output is not None:
         check_output(output)
     if reduce not in ("mean", "last"):

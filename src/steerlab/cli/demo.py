@@ -3,19 +3,20 @@ completions, the policy comparison, and a report with plots."""
 
 from __future__ import annotations
 
-import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from steerlab.core.dataset import load_dataset
 from steerlab.core.engine import generate_multipliers
+from steerlab.core.files import sentiment_dataset_path
 from steerlab.core.sampling import Sampling
 from steerlab.core.steering import Steering
 from steerlab.evaluation.judges import sentiment
 from steerlab.evaluation.policies import compare_policies
 from steerlab.evaluation.sweep import DEFAULT_PROMPTS, SweepConfig, run_sweep
 from steerlab.formats import load_vector
+from steerlab.hf.methods import sweep_extractor
 from steerlab.hf.model import DEFAULT_MODEL, LoadedModel
 
 SHOWCASE_PROMPTS = (
@@ -23,11 +24,6 @@ SHOWCASE_PROMPTS = (
     "Write a sentence about the ocean.",
     "What do you think of cats?",
 )
-
-
-def sentiment_dataset_path() -> Path:
-    """The shipped sentiment pairs (300 pairs written for steerlab)."""
-    return Path(str(importlib.resources.files("steerlab") / "data" / "sentiment.jsonl"))
 
 
 @dataclass(frozen=True)
@@ -66,6 +62,7 @@ def run_demo(
         data,
         config,
         out_dir / "sweep",
+        extractor=sweep_extractor(lm),
         judge=judge,
         behaviour_label="VADER sentiment",
         fresh=fresh,
@@ -118,4 +115,4 @@ def run_demo(
     return DemoResult(sweep, layer, multiplier, side, policies, report)
 
 
-__all__ = ["DEFAULT_MODEL", "DemoResult", "run_demo", "sentiment_dataset_path"]
+__all__ = ["DEFAULT_MODEL", "DemoResult", "run_demo"]

@@ -1,4 +1,4 @@
-"""Commands that measure: sweep, compare-policies and the demo."""
+"""Commands that measure: sweep and the demo (compare-policies: cli/policies.py)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,22 @@ import typer
 from rich.table import Table
 
 from steerlab.cli.common import (
-    AllowMismatchOpt,
     DeviceOpt,
     DtypeOpt,
+    EagerOpt,
+    EngineOpt,
     ModelOpt,
     app,
+    engine_loader,
     err,
     judge_of,
     load,
+    model_layers,
     out,
     print_rows,
-    steerings_of,
 )
 from steerlab.core.errors import SteerlabError
+from steerlab.evaluation.judges import judge_help
 
 
 @app.command()
@@ -59,13 +62,7 @@ def sweep(
     scale: str = typer.Option("absolute", "--scale", help="absolute or relative."),
     test_fraction: float = typer.Option(0.3, "--test-fraction"),
     seed: int = typer.Option(0, "--seed"),
-    judge: str = typer.Option(
-        "sentiment",
-        "--judge",
-        help="sentiment (VADER), casual (register lexicon), llm (a 0-10 rubric) or axbench "
-        "(concept, relevance and fluency 0-2, harmonic mean) for free-text datasets; llm and "
-        "axbench need --judge-url.",
-    ),
+    judge: str = typer.Option("sentiment", "--judge", help=judge_help()),
     keywords: str | None = typer.Option(
         None, "--keywords", help="Keyword judge: comma-separated words."
     ),
@@ -88,14 +85,26 @@ def sweep(
         Path("steerlab-out/sweep"), "--out", "-o", help="Output directory (resumable)."
     ),
     fresh: bool = typer.Option(False, "--fresh", help="Discard earlier results in --out."),
+    engine: str = EngineOpt,
+    enforce_eager: bool = EagerOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
 ) -> None:
-    """Sweep layers x multipliers: results table, plots and a report with a recommendation."""
+    """Sweep layers x multipliers: results table, plots and a report with a recommendation.
+
+    Rerun with the same --out and another --direction, --target or --perplexity-bound, a
+    finished sweep only rewrites its recommendation and report (no model work). With
+    --engine vllm the vector is extracted on the Hugging Face engine, then every cell runs on
+    vLLM as one continuous batch (greedy completions; KL from an unsteered twin per row).
+    """
     from steerlab.core.dataset import load_dataset
+    from steerlab.core.policy import Policy
+    from steerlab.engines import engine_entry, require
     from steerlab.evaluation.sweep import SweepConfig, parse_floats, run_sweep
     from steerlab.hf.layers import resolve_layers
+    from steerlab.hf.methods import sweep_extractor
 
+    engine_entry(engine)  # an unknown engine fails first
     chosen = list(policy or []) + [p for p in (policies or "").split(",") if p.strip()]
     prompts: tuple[str, ...] = ()
     if prompts_file is not None:
@@ -124,8 +133,28 @@ def sweep(
         max_test_items=max_test_items,
         batch_rows=batch_rows,
     )
-    lm = load(model, device, dtype)
-    config = dataclasses.replace(config, layers=tuple(resolve_layers(layers, lm.info.num_layers)))
+    for p in config.policies:
+        if not Policy.parse(p).persisting:
+            require(engine, "transient", "--policies transient")
+    ab = data.format in ("ab", "yesno")
+    if not ab:
+        require(engine, "kl", "a free-text sweep")
+        if engine != "hf" and samples > 1:
+            raise SteerlabError(
+                "--samples above 1 samples completions, and the vLLM engine measures KL on "
+                "greedy rows only: use --engine hf, or --samples 1"
+            )
+    config = dataclasses.replace(config, layers=tuple(resolve_layers(layers, model_layers(model))))
+    hf = engine_loader("hf", model, device, dtype)
+
+    def extractor(train, cfg, chat):  # type: ignore[no-untyped-def]
+        return sweep_extractor(hf(), sys.stderr.isatty())(train, cfg, chat)
+
+    scoring = (
+        hf
+        if engine == "hf"
+        else engine_loader(engine, model, device, dtype, vectors=out_dir, eager=enforce_eager)
+    )
     scorer = (
         None
         if data.format in ("ab", "yesno")
@@ -137,10 +166,11 @@ def sweep(
         else ("keyword rate" if keywords else judge)
     )
     result = run_sweep(
-        lm,
+        scoring,
         data,
         config,
         out_dir,
+        extractor=extractor,
         judge=scorer,
         behaviour_label=label,
         fresh=fresh,
@@ -148,7 +178,6 @@ def sweep(
             f"{r['context']} {r['policy']} layer {r['layer']:>3} x{r['multiplier']:<6g} "
             f"behaviour {r['behaviour']:.3f} fluency {r['fluency']:.2f}"
         ),
-        progress=sys.stderr.isatty(),
     )
     print_rows(
         result["rows"],
@@ -171,155 +200,6 @@ def sweep(
     out.print(f"wrote {out_dir}/report.md, results.csv, results.json and plots")
 
 
-@app.command("compare-policies")
-def compare_policies_cmd(
-    vector: Path = typer.Option(..., "--vector", "-v", help="A vector file."),
-    layer: int = typer.Option(..., "--layer", "-l"),
-    multiplier: float = typer.Option(4.0, "--multiplier", "-x"),
-    model: str = ModelOpt,
-    prompts: Path | None = typer.Option(
-        None, "--prompts", help="Text file, one prompt per line (default: built-in)."
-    ),
-    judge: str = typer.Option(
-        "sentiment", "--judge", help="sentiment, casual, llm or axbench (see sweep --help)."
-    ),
-    keywords: str | None = typer.Option(None, "--keywords", help="Keyword judge: word1,word2."),
-    judge_url: str | None = typer.Option(None, "--judge-url"),
-    judge_model: str = typer.Option("judge", "--judge-model"),
-    behaviour: str = typer.Option("the target behaviour", "--behaviour"),
-    ab_dataset: Path | None = typer.Option(
-        None, "--ab-dataset", help="Also score A/B behaviour probability on this set."
-    ),
-    actadd_rows: int = typer.Option(4, "--actadd-rows", help="Front positions steered by actadd."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
-    frontier: bool = typer.Option(
-        False,
-        "--frontier",
-        help="Compare at equal behaviour shift: sweep each policy's --multipliers and read "
-        "its side effects (KL, perplexity, distinct-2) at one shift, with 95% intervals.",
-    ),
-    multipliers: str = typer.Option(
-        "1,2,3,4,6,8", "--multipliers", help="--frontier: multipliers of one sign, comma-separated."
-    ),
-    policies: str = typer.Option(
-        "after-prompt,transient,all", "--policies", help="--frontier: policies, comma-separated."
-    ),
-    direction: str = typer.Option(
-        "increase", "--direction", help="--frontier: increase or decrease (the shift sought)."
-    ),
-    shift: float | None = typer.Option(
-        None,
-        "--shift",
-        help="--frontier: the shift to read costs at (default: half the smallest largest "
-        "shift of any policy).",
-    ),
-    seed: int = typer.Option(0, "--seed", help="--frontier: bootstrap seed."),
-    out_dir: Path = typer.Option(Path("steerlab-out/policies"), "--out", "-o"),
-    allow_model_mismatch: bool = AllowMismatchOpt,
-    device: str | None = DeviceOpt,
-    dtype: str | None = DtypeOpt,
-) -> None:
-    """One vector, layer and multiplier under after-prompt, transient, all, prompt and actadd;
-    with --frontier, every policy's multiplier swept and its cost read at equal shift."""
-    from steerlab.core.dataset import load_dataset
-    from steerlab.core.files import read_prompts
-    from steerlab.evaluation.policies import compare_policies
-    from steerlab.evaluation.sweep import DEFAULT_PROMPTS, neutral_prompts, parse_floats
-
-    if frontier:
-        from steerlab.evaluation.frontier import FrontierConfig
-
-        if ab_dataset is not None:
-            raise SteerlabError("--ab-dataset is not part of --frontier (free-text judges only)")
-        config = FrontierConfig(
-            layer=layer,
-            multipliers=parse_floats(multipliers),
-            policies=tuple(p.strip() for p in policies.split(",") if p.strip()),
-            direction=direction,
-            shift=shift,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-        )
-    default = neutral_prompts() if frontier else DEFAULT_PROMPTS
-    texts = list(default) if prompts is None else read_prompts(prompts)
-    ab = load_dataset(ab_dataset) if ab_dataset else None  # bad input fails before the model
-    scorer = judge_of(judge, keywords, judge_url, judge_model, behaviour)
-    lm = load(model, device, dtype)
-    steerings = steerings_of(
-        vector, str(layer), "after-prompt", "absolute", lm, allow_model_mismatch
-    )
-    if frontier:
-        from steerlab.evaluation.frontier import run_frontier
-
-        label = "keyword rate" if keywords else judge
-        result = run_frontier(
-            lm, steerings[0].vector, texts, scorer, config, out_dir, behaviour_label=label,
-            on_batch=lambda done, total: err.print(f"  cells {done}/{total} scored"),
-        )  # fmt: skip
-        show_frontier(result)
-        out.print(
-            f"wrote {out_dir}/frontier.md, frontier.csv, frontier.json, "
-            "frontier-readings.json, frontier.png"
-        )
-        return
-    rows = compare_policies(
-        lm,
-        steerings[0].vector,
-        layer,
-        multiplier,
-        texts,
-        scorer,
-        out_dir,
-        actadd_rows=actadd_rows,
-        max_new_tokens=max_new_tokens,
-        ab_dataset=ab,
-    )
-    cols = ["policy", "behaviour", "kl", "perplexity", "distinct2"] + (["ab_score"] if ab else [])
-    print_rows(rows, cols, f"layer {layer}, multiplier {multiplier:g}")
-    out.print(f"wrote {out_dir}/policies.md, policies.csv, policies.json, policies.png")
-
-
-def show_frontier(result: dict[str, object]) -> None:
-    """The frontier's cells and its readings at equal shift, as tables."""
-    from steerlab.evaluation.frontier_report import ci_text
-
-    cells = result["cells"]
-    assert isinstance(cells, list)
-    table = Table("policy", "multiplier", "shift", "KL/token", "perplexity", "distinct-2")
-    for c in cells:
-        table.add_row(
-            c["policy"],
-            f"{c['multiplier']:g}",
-            *(
-                ci_text([c[k], c[f"{k}_lo"], c[f"{k}_hi"]])
-                for k in ("shift", "kl", "perplexity", "distinct2")
-            ),
-        )
-    out.print(table)
-    readings = result["readings"]
-    assert isinstance(readings, list)
-    if not readings:
-        out.print("some policy never shifts the behaviour: no equal shift to read costs at")
-        return
-    shift = result["shift"]
-    assert isinstance(shift, float)
-    at = Table(
-        "policy",
-        "multiplier needed",
-        "KL/token",
-        "perplexity",
-        "distinct-2",
-        title=f"at shift {shift:.3f}",
-    )
-    for r in readings:
-        at.add_row(
-            r["policy"],
-            ci_text(r["multiplier"], 2),
-            *(ci_text(r[k]) for k in ("kl", "perplexity", "distinct2")),
-        )
-    out.print(at)
-
-
 @app.command()
 def demo(
     model: str = ModelOpt,
@@ -329,7 +209,7 @@ def demo(
     dtype: str | None = DtypeOpt,
 ) -> None:
     """The main job: sentiment vector, sweep, side-by-side completions, policy comparison, report."""
-    from steerlab.evaluation.demo import run_demo
+    from steerlab.cli.demo import run_demo
 
     lm = load(model, device, dtype)
     out.rule(f"steerlab demo on {lm.info.name}")

@@ -13,10 +13,14 @@ from steerlab.cli.common import (
     AllowMismatchOpt,
     DeviceOpt,
     DtypeOpt,
+    EagerOpt,
+    EngineOpt,
     ModelOpt,
     app,
     clamp_range,
+    engine_loader,
     err,
+    linked_folder,
     load,
     out,
     steerings_of,
@@ -72,7 +76,8 @@ def generate(
         "absolute", "--scale", help="absolute, or relative to the stored residual norm."
     ),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n"),
-    engine: str = typer.Option("hf", "--engine", help="hf (Hugging Face) or vllm."),
+    engine: str = EngineOpt,
+    enforce_eager: bool = EagerOpt,
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, "--seed"),
@@ -87,25 +92,29 @@ def generate(
     from steerlab.core.engine import generate_multipliers
     from steerlab.core.prompts import render
     from steerlab.core.sampling import Sampling
+    from steerlab.engines import engine_entry, require
 
-    Policy.parse(policy)  # a bad policy fails before the model loads
-    check_engine(engine)
+    engine_entry(engine)  # an unknown engine fails first
+    if not Policy.parse(policy).persisting:  # a bad policy fails before the model loads
+        require(engine, "transient", "--policy transient")
     clamp_to = clamp_range(clamp)
     if operator not in OPERATORS:
         raise SteerlabError(f"unknown operator {operator!r}: use {', '.join(OPERATORS)}")
     multipliers = multiplier or [4.0 if operator == "add" else 1.0]
     if site is not None and site not in SITES:
         raise SteerlabError(f"unknown site {site!r}: use {', '.join(SITES)}")
-    if site not in (None, "block") and engine == "vllm":
-        raise SteerlabError("--site attn/mlp needs the Hugging Face engine: drop --engine vllm")
-    if condition is not None and engine == "vllm":
-        raise SteerlabError("--condition needs the Hugging Face engine: drop --engine vllm")
+    if site not in (None, "block"):
+        require(engine, "sites", f"--site {site}")
+    if condition is not None:
+        require(engine, "conditions", "--condition")
 
     sampling = Sampling(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
-    if engine == "vllm":
-        lm, steerings = _vllm_single(model, vector, layer, policy, scale, operator, clamp_to)
+    if engine != "hf":
+        lm, steerings = _registry_single(
+            engine, model, vector, layer, policy, scale, operator, clamp_to, enforce_eager
+        )
     else:
         lm = load(model, device, dtype)
         steerings = steerings_of(
@@ -118,7 +127,7 @@ def generate(
         if condition is not None:
             import dataclasses
 
-            from steerlab.evaluation.conditions import read_condition
+            from steerlab.core.condition import read_condition
             from steerlab.formats import load_vector
 
             gate = read_condition(condition, load_vector)
@@ -174,12 +183,8 @@ def _condition_note(lm: Any, gate: Any, prompt: str, system: str | None, chat: b
     return {"holds": gate.holds(score), "score": score, "threshold": gate.threshold}
 
 
-def check_engine(engine: str) -> None:
-    if engine not in ("hf", "vllm"):
-        raise SteerlabError(f"unknown engine '{engine}': use hf or vllm")
-
-
-def _vllm_single(
+def _registry_single(
+    engine: str,
     model: str,
     vector: Path,
     layer: str | None,
@@ -187,21 +192,15 @@ def _vllm_single(
     scale: str,
     operator: str = "add",
     clamp: tuple[float, float] | None = None,
+    eager: bool = False,
 ) -> Any:
-    """The vLLM engine with one vector registered (a folder holding a link to the file)."""
-    import tempfile
-
+    """An engine with a fixed vector registry (vLLM) started with one vector registered."""
     from steerlab.core.steering import Steering
     from steerlab.formats import load_vector
     from steerlab.hf.layers import resolve_layers
-    from steerlab.vllm.engine import VllmEngine
 
-    load_vector(vector)  # a bad file fails before the engine starts
-    folder = Path(tempfile.mkdtemp(prefix="steerlab-vectors-"))
-    (folder / f"v{vector.suffix.lower()}").symlink_to(vector.resolve())
-    with err.status(f"starting vLLM with {model}"):
-        lm = VllmEngine(model, folder)
-    vec = lm.vectors["v"]
+    vec = load_vector(vector)  # a bad file fails before the engine starts
+    lm = engine_loader(engine, model, None, None, vectors=linked_folder(vector), eager=eager)()
     chosen = None if layer is None else tuple(resolve_layers(layer, lm.identity.num_layers))
     return lm, [Steering(vec, 1.0, chosen, policy, scale, operator, clamp)]  # type: ignore[arg-type]
 
@@ -225,6 +224,12 @@ def serve(
         "--allow-host",
         help="Accept this Host header name too (repeat; '*' for any). Loopback names always.",
     ),
+    allow_origin: list[str] = typer.Option(
+        [],
+        "--allow-origin",
+        help="Accept browser requests from this origin too (scheme://host:port, or null; "
+        "repeat). The server's own origin always.",
+    ),
     expose_metadata: bool = typer.Option(
         False, "--expose-metadata", help="Show full vector metadata (dataset paths) in /v1/vectors."
     ),
@@ -238,12 +243,26 @@ def serve(
         100_000, "--max-prompt-chars", help="Largest prompt, in characters."
     ),
     timeout: float = typer.Option(
-        300.0, "--request-timeout", help="Seconds a request may take, queueing included (504)."
+        300.0,
+        "--request-timeout",
+        help="Seconds a request may take from its first byte, body and queueing included (504).",
+    ),
+    body_timeout: float = typer.Option(
+        30.0, "--body-timeout", help="Seconds to read a request body (408)."
+    ),
+    header_timeout: float = typer.Option(
+        10.0,
+        "--header-timeout",
+        help="Seconds a connection may take to send a request's headers (408).",
+    ),
+    max_connections: int | None = typer.Option(
+        None,
+        "--max-connections",
+        help="Open connections; more get 503 at once. Default: half the file-descriptor limit, at most 1024.",
     ),
     allow_model_mismatch: bool = AllowMismatchOpt,
-    engine: str = typer.Option(
-        "hf", "--engine", help="hf (Hugging Face) or vllm (continuous batching, eager)."
-    ),
+    engine: str = EngineOpt,
+    enforce_eager: bool = EagerOpt,
     sweep_dir: Path | None = typer.Option(
         None,
         "--sweep-dir",
@@ -255,8 +274,27 @@ def serve(
 ) -> None:
     """Serve an OpenAI-compatible API with per-request steering, and a playground at /."""
     from steerlab.serving.app import Limits, Security, is_loopback, load_vectors
-    from steerlab.serving.app import serve as run
+    from steerlab.serving.connections import default_max_connections
+    from steerlab.serving.server import serve as run
 
+    connections = default_max_connections() if max_connections is None else max_connections
+    for name, value in (
+        ("--max-tokens", max_tokens),
+        ("--max-batch", max_batch),
+        ("--max-queue", max_queue),
+        ("--max-body-bytes", max_body),
+        ("--max-prompt-chars", max_prompt_chars),
+        ("--max-connections", connections),
+    ):
+        if value < 1:
+            raise SteerlabError(f"{name} must be at least 1, got {value}")
+    for name, seconds in (
+        ("--request-timeout", timeout),
+        ("--body-timeout", body_timeout),
+        ("--header-timeout", header_timeout),
+    ):
+        if not 0 < seconds < 1e6:
+            raise SteerlabError(f"{name} must be a positive number of seconds, got {seconds}")
     limits = Limits(
         max_tokens=max_tokens,
         max_batch=max_batch,
@@ -264,18 +302,10 @@ def serve(
         max_body_bytes=max_body,
         max_prompt_chars=max_prompt_chars,
         request_timeout=timeout,
+        body_timeout=body_timeout,
+        header_timeout=header_timeout,
+        max_connections=connections,
     )
-    for name, value in (
-        ("--max-tokens", max_tokens),
-        ("--max-batch", max_batch),
-        ("--max-queue", max_queue),
-        ("--max-body-bytes", max_body),
-        ("--max-prompt-chars", max_prompt_chars),
-    ):
-        if value < 1:
-            raise SteerlabError(f"{name} must be at least 1, got {value}")
-    if not timeout > 0:
-        raise SteerlabError(f"--request-timeout must be positive, got {timeout}")
     if not vectors.is_dir():
         raise SteerlabError(f"vector directory '{vectors}' does not exist: pass --vectors DIR")
     if not is_loopback(host) and not api_key:
@@ -283,17 +313,27 @@ def serve(
             f"binding to {host} without an API key: anyone who can reach this machine can use "
             "the server; pass --api-key (or set STEERLAB_API_KEY)"
         )
-    check_engine(engine)
+    from steerlab.engines import engine_entry
+
+    engine_entry(engine)
     summary = None
     if sweep_dir is not None:
         from steerlab.evaluation.sweep_summary import read_sweep
 
         summary = read_sweep(sweep_dir)
-    if engine == "vllm":
-        from steerlab.vllm.engine import VllmEngine
+    if engine != "hf":
+        import os
 
-        with err.status(f"starting vLLM with {model}"):
-            lm: Any = VllmEngine(model, vectors, max_model_len=max_tokens + 2048)
+        from steerlab.engines import EngineOptions
+
+        if allow_model_mismatch:
+            os.environ["STEERLAB_ALLOW_MODEL_MISMATCH"] = "1"  # every vLLM process reads it
+        options = EngineOptions(
+            model, device, dtype, vectors, enforce_eager, max_model_len=max_tokens + 2048,
+            max_num_seqs=max_batch, extra={"max_queue": max_queue},
+        )  # fmt: skip
+        with err.status(f"starting {engine} with {model}"):
+            lm: Any = engine_entry(engine).load(options)
         registry = lm.vectors
     else:
         lm = load(model, device, dtype)
@@ -304,8 +344,8 @@ def serve(
             warn(
                 "--vectors has a vector named 'sweep' already: the sweep's own vector is not served"
             )
-        elif engine == "vllm":
-            warn("the vLLM engine serves only --vectors: copy the sweep's vector there to use it")
+        elif engine != "hf":
+            warn(f"the {engine} engine serves only --vectors: copy the sweep's vector there")
         else:
             from steerlab.formats import load_vector
 
@@ -315,5 +355,17 @@ def serve(
     err.print(
         f"{len(registry)} vectors: {', '.join(sorted(registry)) or 'none'}; playground at http://{host}:{port}/"
     )
-    security = Security(api_key=api_key or None, expose_metadata=expose_metadata)
+    from steerlab.serving.guard import origin_key
+
+    for origin in allow_origin:
+        if origin != "null" and origin_key(origin) is None:
+            raise SteerlabError(
+                f"--allow-origin {origin[:80]!r} is not an origin: write scheme://host:port "
+                "(http or https) or null"
+            )
+    security = Security(
+        api_key=api_key or None,
+        expose_metadata=expose_metadata,
+        allowed_origins=tuple(allow_origin),
+    )
     run(lm, registry, host, port, limits, security, allow_host, summary, sweep_vector)

@@ -22,6 +22,7 @@ from steerlab.cli.common import (
     warn,
 )
 from steerlab.core.errors import SteerlabError
+from steerlab.core.methods import method_entry, method_help
 from steerlab.formats.atomic import atomic_write_bytes, check_output
 
 
@@ -59,11 +60,7 @@ def extract(
     ),
     model: str = ModelOpt,
     layers: str = typer.Option("all", "--layers", "-l", help="all, 6-18, 3,5,-1 ..."),
-    method: str = typer.Option(
-        "mean-diff",
-        "--method",
-        help="mean-diff, pca-diff, logistic, or bipo (trained on pairs; one layer; see --steps).",
-    ),
+    method: str = typer.Option("mean-diff", "--method", help=method_help()),
     fmt: str | None = typer.Option(
         None, "--format", help="ab, yesno, pairs, unpaired or actadd (default: detect)."
     ),
@@ -106,7 +103,8 @@ def extract(
     check_output(output)  # before any model work
     if site not in SITES:
         raise SteerlabError(f"unknown site {site!r}: use {', '.join(SITES)}")
-    if method == "bipo":
+    trained = method_entry(method).trained  # an unknown method fails here, before the model
+    if trained:  # bipo, the one trained method; its settings are checked now
         from steerlab.hf.bipo import BipoConfig
 
         config = BipoConfig(steps, lr, batch_size or 8, beta, seed=seed)  # bad settings: now
@@ -115,7 +113,7 @@ def extract(
     data = load_dataset(dataset, fmt, negatives)  # type: ignore[arg-type]
     for warning in data.warnings:
         warn(warning)
-    if method == "bipo":
+    if trained:
         _bipo(data, output, model, layers, config, chat, system, device, dtype, layers_path)
         return
     lm = load(model, device, dtype, layers_path)

@@ -55,8 +55,9 @@ def inspect(
     """Colour each token of TEXT by its activation's projection onto a vector (terminal and
     HTML); with --contrast, how well the projection separates a dataset (AUC)."""
     from steerlab.core.dataset import load_dataset
-    from steerlab.evaluation import pages, projection
+    from steerlab.evaluation import pages
     from steerlab.formats import load_vector
+    from steerlab.hf import projection
 
     if output is not None:
         check_output(output)

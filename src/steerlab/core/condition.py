@@ -9,12 +9,15 @@ from that steering, bit for bit.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
+from steerlab.core.dataset import Dataset
 from steerlab.core.errors import SteerlabError
 from steerlab.core.vector import SteeringVector
 
@@ -73,3 +76,76 @@ class Condition:
     def holds(self, score: float) -> bool:
         """Whether a prompt with this score is steered."""
         return score > self.threshold if self.above else score < self.threshold
+
+
+@dataclass(frozen=True)
+class ConditionFit:
+    """The fitted condition, its accuracy on the labelled prompts it was fitted on, and the
+    AUC of their scores in the condition's direction (1: perfectly separated)."""
+
+    condition: Condition
+    accuracy: float
+    auc: float
+    positive: tuple[float, ...]
+    negative: tuple[float, ...]
+
+    def to_json(self, vector_path: Path) -> dict[str, Any]:
+        c = self.condition
+        return {
+            "vector": str(vector_path),
+            "layer": c.layer,
+            "threshold": c.threshold,
+            "above": c.above,
+            "reduce": c.reduce,
+            "accuracy": self.accuracy,
+            "auc": self.auc,
+            "positives": len(self.positive),
+            "negatives": len(self.negative),
+        }
+
+
+def labelled_prompts(dataset: Dataset) -> list[tuple[str, bool]]:
+    """``(prompt, holds)`` per example: an unpaired set's texts with their labels, or each
+    pair's positive and negative text (after its prompt, if any) as two prompts."""
+    if dataset.format == "unpaired":
+        return [((t.prompt + "\n" if t.prompt else "") + t.text, t.positive) for t in dataset.texts]
+    out = []
+    for p in dataset.pairs:
+        head = p.prompt + "\n" if p.prompt else ""
+        out += [(head + p.positive, True), (head + p.negative, False)]
+    return out
+
+
+def best_threshold(positive: list[float], negative: list[float]) -> tuple[float, bool, float]:
+    """The threshold, direction and accuracy that classify the scores best (midpoints)."""
+    scores = sorted(set(positive) | set(negative))
+    cuts = [scores[0] - 1.0] + [(a + b) / 2 for a, b in zip(scores, scores[1:], strict=False)]
+    total = len(positive) + len(negative)
+    best = (cuts[0], True, -1.0)
+    for cut in cuts:
+        right = sum(x > cut for x in positive) + sum(x <= cut for x in negative)
+        for above, correct in ((True, right), (False, total - right)):
+            if correct / total > best[2]:
+                best = (cut, above, correct / total)
+    return best
+
+
+def read_condition(path: Path, load: Any) -> Condition:
+    """A condition file written by ``steerlab condition fit -o`` (``load`` reads its vector)."""
+    if not path.is_file():
+        raise SteerlabError(
+            f"{path}: no such condition file (make one with `steerlab condition fit -o`)"
+        )
+    try:
+        data = json.loads(path.read_text())
+        vector_path = Path(data["vector"])
+        layer, threshold = int(data["layer"]), float(data["threshold"])
+        above, reduce = bool(data.get("above", True)), data.get("reduce", "mean")
+    except (ValueError, KeyError, TypeError):
+        raise SteerlabError(
+            f"{path}: not a condition file (JSON with vector, layer, threshold): make one with "
+            "`steerlab condition fit -o`"
+        ) from None
+    if not vector_path.is_absolute():
+        vector_path = path.parent / vector_path
+    return Condition(load(vector_path), layer, threshold, above, reduce)

@@ -8,6 +8,7 @@ protocol over its own scheduler, computing positions with :mod:`steerlab.core.pl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -22,8 +23,39 @@ from steerlab.core.vector import ModelIdentity
 OnStep = Callable[[torch.Tensor, torch.Tensor], "bool | Sequence[bool] | torch.Tensor | None"]
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine runs exactly; anything else is refused where a request enters.
+
+    Attributes:
+        transient: the ``transient`` policy (two passes per token).
+        sites: steering at the attention or MLP output (not only the block's output).
+        conditions: conditional steering (decided on the prompt before decoding).
+        explain: per-token KL from the unsteered model and the most changed tokens.
+        kl: the unsteered comparison behind KL and perplexity in evaluation.
+        projections: ablate/clamp steerings at one layer of one request (None: any).
+        continuous: the engine schedules served rows itself (``submit(job)``, see
+            :mod:`steerlab.core.jobs`), streaming each row's tokens as they are made.
+        activations: reading hidden states (extraction, ``inspect``, ``condition fit``).
+    """
+
+    transient: bool = True
+    sites: bool = True
+    conditions: bool = True
+    explain: bool = True
+    kl: bool = True
+    projections: int | None = None
+    continuous: bool = False
+    activations: bool = True
+
+
 class Engine(Protocol):
     """A model runtime that decodes batches of prompts, each row with its own steerings."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this engine runs (checked by :mod:`steerlab.core.requests` and the CLI)."""
+        ...
 
     @property
     def tokenizer(self) -> Any:
@@ -53,12 +85,45 @@ class Engine(Protocol):
         *,
         on_step: OnStep | None = None,
         explain: int = 0,
+        seeds: Sequence[int | None] | None = None,
+        track_unsteered: bool = False,
+        share_prompts: bool = False,
     ) -> Decoded:
         """Generate from unpadded prompt ids, one steering list per row.
 
+        Sampling draws each row from its own generator (``seeds[r]``; None: fresh
+        randomness; default ``sampling.seed + r``), so a row does not depend on its batch.
+        ``track_unsteered`` also returns each step's KL(steered || unsteered) and the
+        unsteered log-probability of each generated token (engines with ``kl``);
+        ``share_prompts`` lets rows share their prompts' prefill where the engine can.
+
         ``explain=k > 0`` also returns per-step KL from the unsteered model and the ``k``
-        most changed tokens per step, on engines whose ``supports_explain`` is true.
+        most changed tokens per step, on engines whose capabilities include ``explain``.
         """
+        ...
+
+    def next_token_logprobs(
+        self,
+        prompts: Sequence[Sequence[int]],
+        steering: Sequence[Sequence[Steering]],
+        candidates: Sequence[Sequence[int]],
+        *,
+        batch_size: int = 16,
+    ) -> list[list[float]]:
+        """Each candidate token's log-probability at the position after each prompt, each
+        row with its own steerings (the A/B behaviour probability)."""
+        ...
+
+    def score(
+        self,
+        pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+        steering: Sequence[Sequence[Steering]],
+        *,
+        batch_size: int = 16,
+    ) -> list[tuple[float, bool]]:
+        """log p(continuation | context) of each pair, and whether the continuation is the
+        greedy one; each row's steering counts positions from its context, as when the
+        continuation is generated after it (the harness, perplexity of a text)."""
         ...
 
 

@@ -52,3 +52,11 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise SteerlabError(f"'{path}' has no prompts: write one per line")
     return prompts
+
+
+def sentiment_dataset_path() -> Path:
+    """The shipped sentiment pairs (300 pairs written for steerlab); its siblings in the
+    same folder are the other shipped data (``casual.jsonl``, ``weddings.jsonl``...)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("steerlab") / "data" / "sentiment.jsonl"))

@@ -20,6 +20,7 @@ PolicyKind = Literal[
 ]
 POLICY_KINDS: tuple[str, ...] = get_args(PolicyKind)
 FAR = 1 << 60  # "no upper bound" for a span
+MAX_WINDOW = 10**9  # window bounds above this exceed any context: refused
 
 #: One line per policy, for ``--help`` texts and error messages.
 POLICY_HELP = (
@@ -83,6 +84,11 @@ class Policy:
                 "other policies take none"
             )
         if self.kind == "window":
+            if max(self.start, self.stop or 0) > MAX_WINDOW:
+                raise SteerlabError(
+                    f"window bounds above {MAX_WINDOW:,} exceed any model's context: give "
+                    "bounds within the generated tokens, e.g. window:0-9"
+                )
             if self.start < 0 or (self.stop is not None and self.stop < self.start):
                 raise SteerlabError(
                     f"window:{self.start}-{'' if self.stop is None else self.stop} is empty or "

@@ -185,15 +185,24 @@ class Steering:
             self.site,
         )
 
+    def factor(self, layer: int) -> float:
+        """What the vector at ``layer`` is multiplied by: the multiplier, or for the
+        ``relative`` scale the multiplier times the residual norm over the vector's norm
+        (per row of a position-wise vector)."""
+        if self.scale == "absolute":
+            return self.multiplier
+        v = self.vector.directions[layer]
+        norm = float(v.norm()) / math.sqrt(v.shape[0]) if v.dim() == 2 else float(v.norm())
+        if norm == 0.0:
+            return 0.0
+        return self.multiplier * self.vector.residual_norms[layer] / norm
+
     def delta(self, layer: int) -> torch.Tensor:
         """The float32 tensor added at ``layer`` (``[d]`` or ``[k, d]``)."""
         v = self.vector.directions[layer]
         if self.scale == "absolute":
             return v * self.multiplier
-        norm = float(v.norm()) / math.sqrt(v.shape[0]) if v.dim() == 2 else float(v.norm())
-        if norm == 0.0:
-            return v * 0.0
-        return v * (self.multiplier * self.vector.residual_norms[layer] / norm)
+        return v * self.factor(layer)
 
 
 def operator_fields(item: Mapping[str, Any]) -> tuple[Operator, tuple[float, float] | None]:

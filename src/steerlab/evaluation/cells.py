@@ -5,13 +5,15 @@ in tests/test_sweep.py)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from steerlab.core.dataset import Dataset
+from steerlab.core.engine import Engine
 from steerlab.core.policy import Policy
 from steerlab.core.sampling import Sampling
 from steerlab.core.steering import Steering
 from steerlab.evaluation import stats
+from steerlab.evaluation.config import Cell, SweepConfig, cell_keys, cells_per_batch
 from steerlab.evaluation.judges import Judge
 from steerlab.evaluation.metrics import (
     NEUTRAL_TEXT,
@@ -22,26 +24,10 @@ from steerlab.evaluation.metrics import (
     judged_rows,
     text_perplexity,
 )
-from steerlab.hf.model import LoadedModel
-
-if TYPE_CHECKING:
-    from steerlab.evaluation.sweep import SweepConfig
-
-Cell = tuple[int, float, str, str]  # layer, multiplier, policy, context
-
-
-def cell_keys(cell: Cell) -> dict[str, Any]:
-    layer, mult, policy, context = cell
-    return {"layer": layer, "multiplier": mult, "policy": policy, "context": context}
-
-
-def cells_per_batch(config: SweepConfig, prompts: int) -> int:
-    """How many free-text cells run in one padded batch (every prompt and sample of each)."""
-    return max(1, config.batch_rows // (prompts * config.samples))
 
 
 def score_cells(
-    lm: LoadedModel,
+    lm: Engine,
     test: Dataset | None,
     prompts: list[str],
     cells: list[Cell],

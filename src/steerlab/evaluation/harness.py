@@ -7,23 +7,26 @@ models only in its registry):
     steerlab-lm-eval --model steerlab --tasks TASK --include_path DIR \\
         --model_args pretrained=smollm2-135m,vector=v.safetensors,multiplier=4,layers=9,policy=after-prompt
 
-``pretrained`` is anything :func:`steerlab.load_model` takes; without ``vector`` (or with
-``multiplier=0``) the model is unsteered. Log-likelihoods treat the request's context as
-the prompt, so a policy steers the same positions it would when generating after that
-prompt; generation runs :func:`steerlab.decode` (``transient`` included).
+``pretrained`` is anything :func:`steerlab.load_model` takes; ``engine=vllm`` runs the task
+on vLLM (``engine=hf``, the default, on Hugging Face transformers); without ``vector`` (or
+with ``multiplier=0``) the model is unsteered. Log-likelihoods treat the request's context
+as the prompt, so a policy steers the same positions it would when generating after that
+prompt (the engine seam's ``score``); generation runs the engine's ``decode_batch``
+(``transient`` included on the Hugging Face engine).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from steerlab.core.errors import SteerlabError
+from steerlab.core.layers import resolve_layers
 from steerlab.core.policy import Policy
-from steerlab.core.prompts import pad_batch
 from steerlab.core.sampling import Sampling
 from steerlab.core.steering import Steering
 
@@ -41,7 +44,6 @@ log = logging.getLogger(__name__)
 
 def _steering(lm: Any, args: dict[str, str]) -> list[Steering]:
     from steerlab.formats import load_vector
-    from steerlab.hf.layers import resolve_layers
 
     path = args.get("vector")
     if not path:
@@ -53,7 +55,7 @@ def _steering(lm: Any, args: dict[str, str]) -> list[Steering]:
     chosen = (
         None
         if layers in (None, "")
-        else tuple(resolve_layers(str(layers).replace("+", ","), lm.info.num_layers))
+        else tuple(resolve_layers(str(layers).replace("+", ","), lm.identity.num_layers))
     )
     try:
         multiplier = float(args.get("multiplier", "1"))
@@ -79,14 +81,30 @@ class SteerlabLM(LM):  # type: ignore[misc]
         self, pretrained: str = "smollm2-135m", batch_size: int = 8, **kwargs: str
     ) -> None:
         super().__init__()
-        from steerlab.hf.model import load_model
+        from pathlib import Path
+
+        from steerlab.engines import EngineOptions, engine_entry, require
 
         device = kwargs.pop("device", None)
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             device = None  # lm-eval's CLI asks for cuda by default, GPU or not
-        self.lm = load_model(pretrained, device=device, dtype=kwargs.pop("dtype", None))
+        engine = str(kwargs.pop("engine", "hf"))
+        entry = engine_entry(engine)
+        folder = None
+        if engine != "hf" and kwargs.get("vector"):
+            import tempfile
+
+            vector = Path(str(kwargs["vector"]))
+            folder = Path(tempfile.mkdtemp(prefix="steerlab-vectors-"))
+            (folder / f"v{vector.suffix.lower()}").symlink_to(vector.resolve())
+            if kwargs.get("allow_model_mismatch") == "true":
+                os.environ["STEERLAB_ALLOW_MODEL_MISMATCH"] = "1"
+        options = EngineOptions(pretrained, device, kwargs.pop("dtype", None), folder)
+        self.lm = entry.load(options)
         for key in ("max_length", "trust_remote_code", "parallelize"):  # lm-eval's own options
             kwargs.pop(key, None)
+        if str(kwargs.get("policy", "")) == "transient":
+            require(engine, "transient", "policy=transient")
         self.steering = _steering(self.lm, kwargs)
         self.batch_size = int(batch_size)
         self._transient = any(not s.policy.persisting for s in self.steering)
@@ -112,44 +130,14 @@ class SteerlabLM(LM):  # type: ignore[misc]
         return str(getattr(self.lm.tokenizer, "name_or_path", "steerlab"))
 
     # ----- scoring -------------------------------------------------------------------------
-    @torch.no_grad()
     def _scores(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """log p(continuation | context) and whether it is the greedy continuation."""
-        from steerlab.hf.hooks import Steerer
-
-        if self._transient:
+        if self._transient and any(len(cont) > 1 for _, cont in pairs):
             raise SteerlabError(
                 "policy transient steers one newest token per pass: score log-likelihoods with "
                 "a persisting policy (after-prompt, all, ...); generation tasks take transient"
             )
-        out: list[tuple[float, bool]] = []
-        model, device = self.lm.model, self.lm.device
-        limit = self.lm.context_length
-        for begin in range(0, len(pairs), self.batch_size):
-            chunk = pairs[begin : begin + self.batch_size]
-            seqs, prompts = [], []
-            for ctx, cont in chunk:
-                full = (ctx + cont)[-limit:]
-                seqs.append(full)
-                prompts.append(max(len(full) - len(cont), 1))
-            ids, mask = pad_batch(seqs, 0, side="left")
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            steerer = Steerer(model, self.steering, self.lm.layers, prompts, self.lm.tokenizer)
-            with steerer:
-                logits = model(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=positions.to(device),
-                ).logits.float()
-            logp = torch.log_softmax(logits, -1)
-            width = ids.shape[1]
-            for row, (_, cont) in enumerate(chunk):
-                n = len(cont)
-                span = logp[row, width - n - 1 : width - 1]  # predicts the continuation
-                target = ids[row, width - n :].to(span.device)
-                total = float(span.gather(-1, target[:, None]).sum())
-                out.append((total, bool((span.argmax(-1) == target).all())))
-        return out
+        return self.lm.score(pairs, [self.steering] * len(pairs), batch_size=self.batch_size)
 
     def loglikelihood(
         self, requests: list[Any], disable_tqdm: bool = False
@@ -173,8 +161,6 @@ class SteerlabLM(LM):  # type: ignore[misc]
         return [score for score, _ in self._scores(pairs)]
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        from steerlab.hf.decoding import decode
-
         tok = self.lm.tokenizer
         out = []
         for request in requests:
@@ -189,16 +175,7 @@ class SteerlabLM(LM):  # type: ignore[misc]
                 if kwargs.get("do_sample")
                 else 0.0,
             )
-            result = decode(
-                self.lm.model,
-                torch.tensor([ids]),
-                torch.ones(1, len(ids), dtype=torch.long),
-                self.steering,
-                sampling,
-                layer_map=self.lm.layers,
-                tokenizer=tok,
-                eos_token_id=tok.eos_token_id,
-            )
+            result = self.lm.decode_batch([ids], [self.steering], sampling)
             text = tok.decode(
                 result.tokens[0, : result.lengths[0]].tolist(), skip_special_tokens=True
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from steerlab.core.errors import SteerlabError
@@ -220,3 +221,60 @@ def harmonic(ratings: Sequence[float]) -> float:
     if any(r == 0 for r in ratings):
         return 0.0
     return len(ratings) / sum(1.0 / r for r in ratings)
+
+
+@dataclass(frozen=True)
+class JudgeEntry:
+    """A judge by name: a line of help, and how to make it from the command's options
+    (``url``, ``model`` and ``behaviour`` for the judges behind an OpenAI-compatible API)."""
+
+    summary: str
+    make: Callable[[str | None, str, str], Judge]
+    needs_url: bool = False
+
+
+def _url(name: str, url: str | None) -> str:
+    if not url:
+        raise SteerlabError(f"--judge {name} needs --judge-url, e.g. http://127.0.0.1:8000/v1")
+    return url
+
+
+JUDGES: dict[str, JudgeEntry] = {
+    "sentiment": JudgeEntry("VADER sentiment, -1..1", lambda url, model, behaviour: sentiment()),
+    "casual": JudgeEntry(
+        "casual minus formal register markers per 100 words", lambda url, model, b: casual()
+    ),
+    "llm": JudgeEntry(
+        "an LLM rates the behaviour 0-10 (needs --judge-url)",
+        lambda url, model, behaviour: llm(_url("llm", url), model, behaviour),
+        needs_url=True,
+    ),
+    "axbench": JudgeEntry(
+        "AxBench: concept, relevance and fluency 0-2, harmonic mean (needs --judge-url)",
+        lambda url, model, behaviour: axbench(_url("axbench", url), model, behaviour),
+        needs_url=True,
+    ),
+}
+
+
+def judge_help() -> str:
+    """The ``--judge`` help text, from the registry (``--keywords`` is the keyword judge)."""
+    return "; ".join(f"{name}: {e.summary}" for name, e in JUDGES.items()) + (
+        "; or --keywords word1,word2 (occurrences per 100 words)"
+    )
+
+
+def make_judge(name: str, words: str | None, url: str | None, model: str, behaviour: str) -> Judge:
+    """The judge a command's options name (``words``: the keyword judge).
+
+    Raises:
+        SteerlabError: an unknown judge, or one that needs ``--judge-url`` without it.
+    """
+    if words:
+        return keywords(words.split(","))
+    entry = JUDGES.get(name)
+    if entry is None:
+        raise SteerlabError(
+            f"unknown judge '{name}': use {', '.join(JUDGES)}, or --keywords word1,word2"
+        )
+    return entry.make(url, model, behaviour)

@@ -1,4 +1,8 @@
-"""Measuring steering: behaviour probability, judged generation, side effects and KL."""
+"""Measuring steering: behaviour probability, judged generation, side effects and KL.
+
+Everything here runs through the engine seam (:class:`steerlab.core.engine.Engine`:
+``decode_batch`` with the unsteered comparison, ``score``, ``next_token_logprobs``), so it
+runs on any engine with the ``kl`` capability."""
 
 from __future__ import annotations
 
@@ -6,17 +10,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from steerlab.core.dataset import Dataset
+from steerlab.core.engine import Engine
 from steerlab.core.errors import SteerlabError
-from steerlab.core.prompts import left_padded, prompt_ids
+from steerlab.core.prompts import prompt_ids
 from steerlab.core.sampling import Sampling
 from steerlab.core.steering import Steering
 from steerlab.evaluation.judges import Judge
-from steerlab.hf.decoding import generate
-from steerlab.hf.hooks import Steerer
-from steerlab.hf.model import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,8 @@ class ABResult:
     scores: tuple[float, ...]
 
 
-@torch.no_grad()
 def behaviour_probability(
-    lm: LoadedModel,
+    lm: Engine,
     dataset: Dataset,
     steering: Sequence[Steering] = (),
     *,
@@ -50,9 +49,8 @@ def behaviour_probability(
     return ABResult(mean=sum(scores) / len(scores), scores=tuple(scores))
 
 
-@torch.no_grad()
 def behaviour_probability_cells(
-    lm: LoadedModel,
+    lm: Engine,
     dataset: Dataset,
     cells: Sequence[Sequence[Steering]],
     *,
@@ -63,9 +61,9 @@ def behaviour_probability_cells(
 ) -> list[list[float]]:
     """:func:`behaviour_probability`'s per-item scores for several steerings at once.
 
-    Each forward holds one chunk of ``batch_size`` items for several cells (one row per
-    cell and item, each row with its own steering), so every row is padded as it would be
-    alone with its cell.
+    Each call of the engine holds one chunk of ``batch_size`` items for several cells (one
+    row per cell and item, each row with its own steering), so every row is padded as it
+    would be alone with its cell.
     """
     if dataset.format not in ("ab", "yesno"):
         raise SteerlabError(
@@ -85,38 +83,23 @@ def behaviour_probability_cells(
         pos = p.positive.strip("()") if dataset.format == "ab" else p.positive
         neg = p.negative.strip("()") if dataset.format == "ab" else p.negative
         pairs_ids.append((first_token(pos), first_token(neg)))
-    device = lm.device
     scores: list[list[float]] = [[] for _ in cells]
-    per_forward = max(1, max_rows // batch_size)  # cells per forward
+    per_forward = max(1, max_rows // batch_size)  # cells per call
     for begin in range(0, len(seqs), batch_size):
         chunk = seqs[begin : begin + batch_size]
+        answers = pairs_ids[begin : begin + batch_size]
         for first in range(0, len(cells), per_forward):
             group = list(range(first, min(first + per_forward, len(cells))))
-            ids, mask = left_padded(tok, chunk)
-            ids, mask = ids.repeat(len(group), 1), mask.repeat(len(group), 1)
-            rows = [list(cells[c]) for c in group for _ in chunk]
-            steerer = Steerer(
-                lm.model, rows, lm.layers, [len(s) for s in chunk] * len(group), tok,
-                allow_transient=True,
-            )  # fmt: skip
-            with steerer, steerer.logits_pass():
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = (
-                    lm.model(
-                        input_ids=ids.to(device),
-                        attention_mask=mask.to(device),
-                        position_ids=positions.to(device),
-                    )
-                    .logits[:, -1]
-                    .float()
-                )
-            probs = torch.softmax(logits, -1).cpu()
+            lps = lm.next_token_logprobs(
+                [s for _ in group for s in chunk],
+                [list(cells[c]) for c in group for _ in chunk],
+                [list(a) for _ in group for a in answers],
+                batch_size=len(group) * len(chunk),
+            )
             for g, c in enumerate(group):
-                for row, (a, b) in enumerate(pairs_ids[begin : begin + batch_size]):
-                    pa, pb = (
-                        float(probs[g * len(chunk) + row, a]),
-                        float(probs[g * len(chunk) + row, b]),
-                    )
+                for row in range(len(chunk)):
+                    la, lb = lps[g * len(chunk) + row]
+                    pa, pb = math.exp(la), math.exp(lb)
                     scores[c].append(pa / (pa + pb) if pa + pb > 0 else 0.5)
     return scores
 
@@ -132,20 +115,14 @@ def distinct_n(texts: Sequence[str], n: int = 2) -> float:
     return len(unique) / total if total else 1.0
 
 
-@torch.no_grad()
-def text_perplexity(lm: LoadedModel, text: str, steering: Sequence[Steering] = ()) -> float:
+def text_perplexity(lm: Engine, text: str, steering: Sequence[Steering] = ()) -> float:
     """Perplexity of ``text`` under the (steered) model, every position steered as generated
-    text would be (the text is the continuation of an empty prompt)."""
+    text would be (the text is the continuation of its first token)."""
     ids = lm.tokenizer(text)["input_ids"]
     if len(ids) < 2:
         raise SteerlabError("the neutral text needs at least two tokens")
-    device = lm.device
-    tensor = torch.tensor([ids], device=device)
-    steerer = Steerer(lm.model, list(steering), lm.layers, [1], lm.tokenizer, allow_transient=True)
-    with steerer, steerer.logits_pass():
-        logits = lm.model(input_ids=tensor).logits[0, :-1].float()
-    nll = torch.nn.functional.cross_entropy(logits, tensor[0, 1:])
-    return float(torch.exp(nll))
+    ((logprob, _),) = lm.score([(ids[:1], ids[1:])], [list(steering)])
+    return float(math.exp(-logprob / (len(ids) - 1)))
 
 
 NEUTRAL_TEXT = (
@@ -189,7 +166,7 @@ class JudgedRows:
 
 
 def judged_rows(
-    lm: LoadedModel,
+    lm: Engine,
     prompts: Sequence[str],
     steering: Sequence[Sequence[Steering]],
     judge: Judge,
@@ -200,15 +177,20 @@ def judged_rows(
 ) -> JudgedRows:
     """Generate one row per prompt, each with its own steering, in one batch, and judge it.
 
-    Rows share their prompts' prefill where the steering allows (``share_prompts`` of
-    :func:`steerlab.hf.decoding.decode`), so a cell alone and many cells in one batch run
-    the same arithmetic.
+    Rows share their prompts' prefill where the engine can (``share_prompts``), so a cell
+    alone and many cells in one batch run the same arithmetic; the unsteered comparison
+    (KL, the unsteered log-probabilities behind perplexity) is the engine's.
     """
     sampling = sampling or Sampling(max_new_tokens=32)
-    texts, out = generate(
-        lm, prompts, [list(s) for s in steering], sampling, chat=chat, system=system,
-        track_unsteered=True, share_prompts=True,
-    )  # fmt: skip
+    tok = lm.tokenizer
+    ids = [prompt_ids(tok, p, system=system, chat=chat) for p in prompts]
+    out = lm.decode_batch(
+        ids, [list(s) for s in steering], sampling, track_unsteered=True, share_prompts=True
+    )
+    texts = [
+        tok.decode(out.tokens[r, : out.lengths[r]].tolist(), skip_special_tokens=True)
+        for r in range(len(prompts))
+    ]
     assert out.kl is not None and out.unsteered_logprobs is not None
     nll = tuple(-float(out.unsteered_logprobs[r, :n].sum()) for r, n in enumerate(out.lengths))
     kl = tuple(float(out.kl[r, :n].sum()) for r, n in enumerate(out.lengths))
@@ -221,7 +203,7 @@ def judged_rows(
 
 
 def judged_generation(
-    lm: LoadedModel,
+    lm: Engine,
     prompts: Sequence[str],
     steering: Sequence[Steering],
     judge: Judge,

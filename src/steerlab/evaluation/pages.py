@@ -1,4 +1,4 @@
-"""Views of :mod:`steerlab.evaluation.projection`: coloured terminal text and a standalone
+"""Views of :mod:`steerlab.core.projections`: coloured terminal text and a standalone
 HTML page (inline CSS, the histogram embedded as a data URL; no network, no scripts)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import base64
 import html
 from typing import Any
 
-from steerlab.evaluation.projection import Contrast, TokenProjections
+from steerlab.core.projections import Contrast, TokenProjections
 
 POSITIVE = (214, 69, 47)  # along the vector
 NEGATIVE = (47, 111, 214)  # against it

@@ -11,22 +11,22 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.core.dataset import Dataset
+from steerlab.core.engine import Engine
 from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import Policy
 from steerlab.core.sampling import Sampling
 from steerlab.core.steering import Steering
 from steerlab.core.vector import SteeringVector
+from steerlab.evaluation.config import write_table
 from steerlab.evaluation.judges import Judge
 from steerlab.evaluation.metrics import behaviour_probability, judged_generation
-from steerlab.evaluation.sweep import write_table
 from steerlab.evaluation.sweep_report import markdown_table
-from steerlab.hf.model import LoadedModel
 
 COMPARED_POLICIES = ("after-prompt", "transient", "all", "prompt", "actadd")
 
 
 def compare_policies(
-    lm: LoadedModel,
+    lm: Engine,
     vector: SteeringVector,
     layer: int,
     multiplier: float,
@@ -54,16 +54,16 @@ def compare_policies(
             f"the vector has no layer {layer}: it has layers {','.join(map(str, vector.layers))}"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    single = vector.select([layer])
     sampling = Sampling(max_new_tokens=max_new_tokens)
     rows: list[dict[str, Any]] = []
     for name in ["unsteered", *policies]:
         if name == "unsteered":
             steering: list[Steering] = []
         elif name == "actadd":
-            steering = [Steering(single.tiled(actadd_rows), multiplier, (layer,), Policy("actadd"))]
+            tiled = vector.select([layer]).tiled(actadd_rows)
+            steering = [Steering(tiled, multiplier, (layer,), Policy("actadd"))]
         else:
-            steering = [Steering(single, multiplier, (layer,), Policy.parse(name))]
+            steering = [Steering(vector, multiplier, (layer,), Policy.parse(name))]
         g = judged_generation(lm, prompts, steering, judge, sampling)
         row: dict[str, Any] = {
             "policy": name,

@@ -13,13 +13,11 @@ import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from steerlab.core.dataset import Dataset
 from steerlab.evaluation import stats
-
-if TYPE_CHECKING:
-    from steerlab.evaluation.sweep import SweepConfig
+from steerlab.evaluation.config import SweepConfig
 
 
 def halves(n: int, seed: int) -> tuple[list[int], list[int]]:

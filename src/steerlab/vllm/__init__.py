@@ -15,9 +15,9 @@ import contextlib
 import json
 from pathlib import Path
 
-from steerlab.vllm.requests import cache_salt, extra_args, touches_prompt
+from steerlab.vllm.requests import extra_args
 
-__all__ = ["cache_salt", "extra_args", "model_dir", "touches_prompt"]
+__all__ = ["extra_args", "model_dir"]
 
 
 def model_dir(spec: str = "smollm2-135m") -> Path:

@@ -1,66 +1,96 @@
-"""steerlab as a stock-vLLM plugin: per-request steering on continuous batches.
+"""steerlab as a stock-vLLM plugin: per-request steering on continuous batches, in vLLM's
+compiled and CUDA-graph modes as well as eager (docs/design.md, "The vLLM engine").
 
 Registered under vLLM's ``vllm.general_plugins`` entry point, so every vLLM process (API
-server, engine core, workers) runs :func:`register` once installed. It:
+server, engine core, workers) runs :func:`register` once installed. It loads the vector
+registry once (:mod:`steerlab.vllm.registry`) and patches five points, each a wrapper
+around vLLM's own method:
 
-* loads the vector registry from ``$STEERLAB_VECTORS`` (a folder of ``.safetensors`` /
-  ``.gguf`` files; a file's stem is its name);
-* validates each request's ``extra_args["steering"]`` when its ``SamplingParams`` is made
-  (in the API process: a bad entry is a 400 there, never an engine crash);
-* salts the prefix cache of requests whose steering touches prompt positions, so they never
-  share or pollute KV blocks with differently steered or unsteered requests;
-* wraps the model runner's forward: for a step with steered requests it maps every
-  flattened token to its request (``query_start_loc``) and its position (vLLM's own
-  ``positions``, relative to the request's first prompt token), builds the engine-independent
-  :class:`steerlab.core.plan.SteeringPlan`, and adds ``C @ W`` to the residual of each
-  steered decoder layer through hooks that exist only during that forward.
-
-Eager mode only: CUDA graphs replay kernels without the hooks, so a steered step refuses
-to run under a captured graph (start vLLM with ``enforce_eager=True``).
+* API process, ``SamplingParams.verify``: the request's ``extra_args["steering"]`` is
+  parsed by the one schema (:mod:`steerlab.core.requests`) against the served model's
+  layers and context; a bad entry is vLLM's validation error, a 400.
+* API process, ``InputProcessor.process_inputs``: the request is stamped with the
+  registry's digest and each from-marker steering's marker position (found with the
+  tokenizer, which only this process has); a missing marker is a 400.
+* engine core, ``EngineCore.add_request``: the same parse and spans the workers will
+  compute, so a request that would fail there fails alone (an error for it, the engine
+  serving on) before any worker sees it.
+* engine core, the prefix cache's block hashes: a block's hash also covers which steering
+  touches its positions (and from where), so a block is shared only by requests whose
+  recomputation writes the same keys and values into it.
+* workers, ``load_model`` and ``_model_forward``: persistent steering buffers and one
+  forward hook per steerable layer are installed before vLLM compiles or captures
+  (:mod:`steerlab.vllm.buffers`); before each forward the step's coefficients are written
+  into them (:mod:`steerlab.vllm.step`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from steerlab.core.errors import SteerlabError
-from steerlab.core.plan import Bounds, SteeringPlan
+from steerlab.core.policy import marker_end, marker_missing
+from steerlab.core.requests import KEY, Rules, parse_steerings
 from steerlab.core.steering import Steering
 from steerlab.core.vector import SteeringVector
-from steerlab.vllm import requests
+from steerlab.vllm import registry as registries
+from steerlab.vllm.buffers import SteeringBuffers
+from steerlab.vllm.registry import ENV_VECTORS
+from steerlab.vllm.step import (
+    PROMPT_LENGTH,
+    STAMP,
+    RequestSteering,
+    Step,
+    request_steering,
+    spans,
+)
 
 log = logging.getLogger("steerlab.vllm")
-ENV_VECTORS = "STEERLAB_VECTORS"
-_registry: dict[str, SteeringVector] | None = None
+ENV_PROJECTIONS = "STEERLAB_PROJECTIONS"
 _patched = False
+
+__all__ = ["ENV_VECTORS", "register", "vectors"]
 
 
 def vectors() -> dict[str, SteeringVector]:
     """The vector registry of this process (loaded once from ``$STEERLAB_VECTORS``)."""
-    global _registry
-    if _registry is None:
-        folder = os.environ.get(ENV_VECTORS)
-        _registry = {}
-        if folder:
-            from steerlab.formats import load_vector
+    return registries.registry().vectors
 
-            for path in sorted(Path(folder).iterdir()):
-                if path.suffix.lower() in (".safetensors", ".gguf") and not path.name.startswith(
-                    "."
-                ):
-                    try:
-                        _registry[path.stem] = load_vector(path)
-                    except SteerlabError as exc:
-                        log.warning("steerlab: skipping %s: %s", path.name, exc)
-    return _registry
+
+def projection_rounds() -> int:
+    """ablate/clamp steerings one request may put on one layer (``$STEERLAB_PROJECTIONS``,
+    default 1; each round costs two small matrix products per steerable layer per step)."""
+    raw = os.environ.get(ENV_PROJECTIONS, "1")
+    if not raw.isdigit() or int(raw) > 8:
+        raise SteerlabError(f"{ENV_PROJECTIONS} must be a whole number from 0 to 8, got {raw!r}")
+    return int(raw)
+
+
+def rules(model_config: Any) -> Rules:
+    """What the served model and this plugin accept (the same in every process)."""
+    identity, _ = registries.served_identity(model_config)
+    return Rules(
+        num_layers=identity.num_layers,
+        context=int(model_config.max_model_len),
+        transient=False,
+        sites=False,
+        conditions=False,
+        max_projections=projection_rounds(),
+        dtype=getattr(model_config, "dtype", None),
+        other_engine="the Hugging Face engine (steerlab serve without --engine vllm)",
+    )
+
+
+def _checked(model_config: Any) -> registries.Registry:
+    """This process's registry, checked against the served model (once)."""
+    registry = registries.registry()
+    identity, folder = registries.served_identity(model_config)
+    registry.check_model(identity, folder)
+    return registry
 
 
 def register() -> None:
@@ -69,70 +99,165 @@ def register() -> None:
     if _patched:
         return
     _patched = True
-    _patch_validation()
-    _patch_cache_salt()
+    try:
+        registries.registry()  # loaded now, once, in every process
+    except SteerlabError as exc:  # a one-line refusal, not a traceback, in every process
+        raise SystemExit(f"steerlab: {exc}") from None
+    _patch_api()
+    _patch_engine_core()
+    _patch_block_hashes()
     _patch_runner()
 
 
-# ----- the API side: validation and the prefix-cache salt ------------------------------------
-def _num_layers(registry: dict[str, SteeringVector]) -> int:
-    return max((v.model.num_layers for v in registry.values()), default=0)
-
-
-def _patch_validation() -> None:
+# ----- the API process: validation and the stamp ---------------------------------------------
+def _patch_api() -> None:
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import SamplingParams
-
-    original = SamplingParams._verify_extra_args
-
-    def verify(self: Any) -> None:
-        original(self)
-        if self.extra_args and requests.KEY in self.extra_args:
-            registry = vectors()
-            try:
-                requests.parse(self.extra_args, registry, _num_layers(registry))
-            except SteerlabError as exc:
-                raise VLLMValidationError(str(exc), parameter="extra_args") from None
-
-    SamplingParams._verify_extra_args = verify  # type: ignore[method-assign]
-
-
-def _patch_cache_salt() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
-    original = InputProcessor.process_inputs
+    verify = SamplingParams.verify
 
-    def process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
-        request = original(self, *args, **kwargs)
+    def checked_verify(self: Any, model_config: Any, *args: Any, **kwargs: Any) -> None:
+        verify(self, model_config, *args, **kwargs)
+        if self.extra_args and KEY in self.extra_args:
+            try:
+                parse_steerings(
+                    self.extra_args[KEY], _checked(model_config).vectors, rules(model_config)
+                )
+            except SteerlabError as exc:
+                raise VLLMValidationError(str(exc), parameter="steering") from None
+
+    SamplingParams.verify = checked_verify  # type: ignore[method-assign]
+
+    init = InputProcessor.__init__
+
+    def checked_init(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, vllm_config, *args, **kwargs)
+        _checked(vllm_config.model_config)  # a vector for another model stops the server
+
+    InputProcessor.__init__ = checked_init  # type: ignore[method-assign]
+
+    process = InputProcessor.process_inputs
+
+    def stamped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        request = process(self, *args, **kwargs)
         params = getattr(request, "sampling_params", None)
         extra = getattr(params, "extra_args", None)
-        if extra and requests.KEY in extra:
-            registry = vectors()
-            steerings = requests.parse(extra, registry, _num_layers(registry))
-            if requests.touches_prompt(steerings):
-                entries = requests.raw_entries(extra)
-                request.cache_salt = requests.cache_salt(entries, request.cache_salt)
+        if params is None or not extra or KEY not in extra:
+            return request
+        registry = _checked(self.model_config)
+        ids = list(request.prompt_token_ids or [])
+        try:
+            steerings = parse_steerings(extra[KEY], registry.vectors, rules(self.model_config))
+            length = _prompt_length(extra.get(PROMPT_LENGTH), len(ids))
+            markers = _markers(self.tokenizer, ids[: length or len(ids)], steerings)
+        except SteerlabError as exc:
+            raise VLLMValidationError(str(exc), parameter="steering") from None
+        # params is the request's own copy (process_inputs clones the caller's)
+        stamp = {"registry": registry.digest, "markers": markers, "prompt_length": length}
+        params.extra_args = {**extra, STAMP: stamp}
         return request
 
-    InputProcessor.process_inputs = process_inputs  # type: ignore[method-assign]
+    InputProcessor.process_inputs = stamped  # type: ignore[method-assign]
 
 
-# ----- the worker side: the steered forward ----------------------------------------------------
+def _prompt_length(raw: Any, tokens: int) -> int | None:
+    """A scoring request's steering prompt length: 1 .. its prompt's tokens (None: all)."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= tokens:
+        raise SteerlabError(
+            f"{PROMPT_LENGTH} must be an integer from 1 to the prompt's {tokens} tokens"
+        )
+    return raw
+
+
+def _markers(tokenizer: Any, ids: list[int], steerings: list[Steering]) -> list[int | None]:
+    out: list[int | None] = []
+    for i, s in enumerate(steerings):
+        if not s.policy.needs_marker:
+            out.append(None)
+            continue
+        if tokenizer is None:
+            raise SteerlabError(f"steering[{i}]: from-marker needs the server's tokenizer")
+        marker = str(s.policy.marker)
+        if marker not in tokenizer.decode(ids):
+            raise SteerlabError(f"steering[{i}]: {marker_missing(marker)}")
+        out.append(marker_end(tokenizer, ids, marker))
+    return out
+
+
+# ----- the engine core: preflight and the workers' registry ------------------------------------
+def _worker_digest(worker: Any) -> str:
+    return registries.registry().digest
+
+
+def _admit(request: Any, model_config: Any) -> RequestSteering | None:
+    """Parse a request and compute its spans exactly as the workers will (raises when it
+    cannot be steered)."""
+    registry = _checked(model_config)
+    params = getattr(request, "sampling_params", None)
+    steering = request_steering(
+        getattr(params, "extra_args", None), registry.vectors, rules(model_config), registry.digest
+    )
+    if steering is not None:
+        spans(steering, int(request.num_prompt_tokens))
+    return steering
+
+
+def _patch_engine_core() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.core import EngineCore
+
+    init = EngineCore.__init__
+
+    def checked_init(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, vllm_config, *args, **kwargs)
+        mine = registries.registry().digest
+        try:
+            theirs = set(self.model_executor.collective_rpc(_worker_digest))
+        except Exception as exc:  # an executor that cannot run a function: the stamp still guards
+            log.warning("steerlab: could not compare the workers' vector registries (%s)", exc)
+            return
+        if theirs != {mine}:
+            raise SteerlabError(
+                f"the vLLM workers loaded another ${ENV_VECTORS} registry than the engine "
+                "(the folder changed while they started): restart the server"
+            )
+
+    EngineCore.__init__ = checked_init  # type: ignore[method-assign]
+
+    add = EngineCore.add_request
+
+    def admitted(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            _admit(request, self.vllm_config.model_config)
+        except SteerlabError as exc:
+            log.error("steerlab: request %s cannot be steered: %s", request.request_id, exc)
+            send = getattr(self, "_send_error_outputs_to_client", None)
+            if send is None:  # the in-process engine: the caller gets the error
+                raise VLLMValidationError(str(exc), parameter="steering") from None
+            send([request.request_id], request.client_index)  # this request alone fails
+            return None
+        return add(self, request, *args, **kwargs)
+
+    EngineCore.add_request = admitted  # type: ignore[method-assign]
+
+
+# ----- the prefix cache: a block's hash covers the steering of its positions ----------------------
+def _patch_block_hashes() -> None:
+    from vllm.v1.core import kv_cache_utils
+
+    from steerlab.vllm.prefix import steered_keys
+
+    kv_cache_utils.generate_block_hash_extra_keys = steered_keys(
+        kv_cache_utils.generate_block_hash_extra_keys
+    )
+
+
+# ----- the workers: buffers installed before compiling, written before each forward -------------
 def _patch_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    original = GPUModelRunner._model_forward
-
-    def model_forward(
-        self: Any, input_ids: Any = None, positions: Any = None, **kwargs: Any
-    ) -> Any:
-        step = _Step.of(self, positions)
-        if step is None:
-            return original(self, input_ids=input_ids, positions=positions, **kwargs)
-        with step.hooks():
-            return original(self, input_ids=input_ids, positions=positions, **kwargs)
-
-    GPUModelRunner._model_forward = model_forward  # type: ignore[method-assign]
 
     runners: list[Any] = [GPUModelRunner]
     try:
@@ -142,173 +267,46 @@ def _patch_runner() -> None:
     except ImportError:
         pass
     for cls in runners:
-        _refuse_compiled(cls)
+        _patch_load(cls)
+
+    forward = GPUModelRunner._model_forward
+
+    def model_forward(
+        self: Any, input_ids: Any = None, positions: Any = None, **kwargs: Any
+    ) -> Any:
+        step: Step | None = getattr(self, "_steerlab_step", None)
+        if step is not None and positions is not None:
+            _before_forward(self, step, positions)
+        return forward(self, input_ids=input_ids, positions=positions, **kwargs)
+
+    GPUModelRunner._model_forward = model_forward  # type: ignore[method-assign]
+
+    prompt_logprobs = GPUModelRunner._get_prompt_logprobs_dict
+
+    def with_twins(self: Any, hidden_states: Any, scheduled: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.num_prompt_logprobs:  # an unsteered twin's KL, at its logits (twins.py)
+            from steerlab.vllm.twins import score_hook
+
+            score_hook(self, hidden_states, scheduled)
+        return prompt_logprobs(self, hidden_states, scheduled, *args, **kwargs)
+
+    GPUModelRunner._get_prompt_logprobs_dict = with_twins  # type: ignore[method-assign]
 
 
-def _refuse_compiled(cls: Any) -> None:
+def _patch_load(cls: Any) -> None:
     load = cls.load_model
 
     def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if vectors() and not self.model_config.enforce_eager:
-            # Compiled graphs and CUDA graphs replay without the per-step hooks: steering
-            # would be silently lost, so the engine refuses to start instead.
-            raise SteerlabError(
-                f"steerlab steers vLLM in eager mode only (vectors from ${ENV_VECTORS}): "
-                "start vLLM with --enforce-eager (Python: LLM(..., enforce_eager=True))"
-            )
-        return load(self, *args, **kwargs)
+        result = load(self, *args, **kwargs)
+        registry = _checked(self.model_config)
+        if registry.vectors:
+            self._steerlab_step = _install(self, registry)
+        return result
 
     cls.load_model = load_model
 
 
-class _Step:
-    """The steering of one forward of a continuous batch."""
-
-    def __init__(
-        self,
-        runner: Any,
-        plan: SteeringPlan,
-        prompt_lengths: list[int],
-        starts: list[int],
-        positions: torch.Tensor,
-        bounds: Bounds | None = None,
-        broadcast: dict[tuple[int, torch.dtype], torch.Tensor] | None = None,
-    ) -> None:
-        self.runner = runner
-        self.plan = plan
-        # Per (layer, dtype): the [d] delta of a step whose every token every steering
-        # covers, when it depends on nothing else (adds only); kept with the cached plan.
-        self.broadcast = {} if broadcast is None else broadcast
-        n = starts[-1]
-        counts = torch.tensor([b - a for a, b in zip(starts, starts[1:], strict=False)])
-        device = positions.device
-        self.row = torch.repeat_interleave(torch.arange(len(counts)), counts).to(device)  # [n]
-        self.t = positions[:n].long()  # [n]: vLLM's positions start at each request's token 0
-        self.n = n
-        self.capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if bounds is None:
-            bounds = plan.bounds(prompt_lengths, self._marker_at)
-        self.bounds = bounds
-        real = torch.ones(n, dtype=torch.bool, device=device)
-        self.coef = plan.coefficients(bounds, self.row, self.t, real)  # [n, A]
-        self.on = self.coef.any(-1, keepdim=True)  # [n, 1]
-        # Every token covered by every steering (a decoding step of uniformly steered rows):
-        # a plain broadcast add per layer. Eager vLLM, so reading this back costs nothing.
-        self.all_on = n == positions.shape[0] and bool(self.coef.all())
-        self._cast: dict[torch.dtype, torch.Tensor] = {}
-
-    def _marker_at(self, row: int, steering: Steering) -> int:
-        from steerlab.core.policy import marker_end
-
-        req_id = self.runner.input_batch.req_ids[row]
-        ids = list(self.runner.requests[req_id].prompt_token_ids or [])
-        return marker_end(_tokenizer(self.runner), ids, str(steering.policy.marker))
-
-    @classmethod
-    def of(cls, runner: Any, positions: Any) -> _Step | None:
-        registry = vectors()
-        if not registry or positions is None:
-            return None
-        batch = runner.input_batch
-        count = batch.num_reqs
-        rows: list[list[Steering]] = []
-        lengths: list[int] = []
-        for req_id in batch.req_ids[:count]:
-            state = runner.requests[req_id]
-            cached = getattr(state, "_steerlab", None)
-            if cached is None:
-                extra = getattr(state.sampling_params, "extra_args", None)
-                try:
-                    cached = _parsed(extra, registry, _model_layers(runner))
-                except SteerlabError as exc:  # validated at the API: a bug if it happens
-                    log.error("steerlab: request %s: %s; not steered", req_id, exc)
-                    cached = []
-                state._steerlab = cached
-            rows.append(cached)
-            lengths.append(int(state.num_prompt_tokens))
-        if not any(rows):
-            return None
-        starts = [int(x) for x in runner.query_start_loc.cpu[: count + 1].tolist()]
-        # Decoding steps keep the same requests for a while: reuse their plan (the stacked,
-        # device-cast vectors) until the batch changes.
-        # A request's spans depend only on its prompt, so they are kept with the plan too.
-        key = tuple(batch.req_ids[:count])
-        cached_plan = getattr(runner, "_steerlab_plan", None)
-        if cached_plan is not None and cached_plan[0] == key:
-            _, plan, bounds, broadcast = cached_plan
-            return cls(runner, plan, lengths, starts, positions, bounds, broadcast)
-        plan = SteeringPlan(rows)
-        step = cls(runner, plan, lengths, starts, positions)
-        runner._steerlab_plan = (key, plan, step.bounds, step.broadcast)
-        return step
-
-    @contextmanager
-    def hooks(self) -> Iterator[None]:
-        layers = _decoder_layers(self.runner)
-        handles = []
-        try:
-            for layer in self.plan.layers:
-                handles.append(layers[layer].register_forward_hook(self._hook(layer)))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _hook(self, layer: int) -> Any:
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
-            if self.capturing:
-                raise SteerlabError(
-                    "steerlab cannot steer inside a captured CUDA graph: start vLLM with "
-                    "enforce_eager=True"
-                )
-            hidden, residual = output  # each [tokens, d]; the block's output is their sum
-            if self.all_on:
-                fixed = self.broadcast.get((layer, residual.dtype))
-                if fixed is not None:
-                    return hidden, residual + fixed
-            n = self.n
-            coef = self._cast.get(residual.dtype)
-            if coef is None:
-                coef = self._cast[residual.dtype] = self.coef.to(residual.device, residual.dtype)
-            # ablate and clamp read the block's output, hidden + residual; add needs neither
-            like = hidden[:n] + residual[:n] if self.plan.reads_hidden(layer) else residual[:n]
-            delta = self.plan.delta(layer, coef, self.t, like, all_on=self.all_on)
-            if delta is None:
-                return None
-            if self.all_on:
-                if delta.dim() == 1:  # one add, no ActAdd or projection: fixed per plan
-                    self.broadcast[(layer, residual.dtype)] = delta
-                return hidden, residual + delta
-            on = self.on.to(residual.device)
-            head = torch.where(on, residual[:n] + delta, residual[:n])  # a masked add
-            if n == residual.shape[0]:
-                return hidden, head
-            return hidden, torch.cat([head, residual[n:]])  # padded tokens stay as they are
-
-        return hook
-
-
-_parses: dict[str, list[Steering]] = {}
-_MAX_PARSES = 256
-
-
-def _parsed(extra: Any, registry: dict[str, SteeringVector], num_layers: int) -> list[Steering]:
-    """A request's steerings; identical entries give the same objects, so the plan of a
-    batch of identically steered requests has one column (a broadcast add)."""
-    try:
-        key = json.dumps(requests.raw_entries(extra), sort_keys=True, separators=(",", ":"))
-    except (TypeError, ValueError):  # offline extra_args that are not plain JSON
-        return requests.parse(extra, registry, num_layers)
-    hit = _parses.get(key)
-    if hit is None:
-        hit = requests.parse(extra, registry, num_layers)
-        if len(_parses) >= _MAX_PARSES:
-            _parses.pop(next(iter(_parses)))
-        _parses[key] = hit
-    return hit
-
-
-def _decoder_layers(runner: Any) -> Any:
+def _install(runner: Any, registry: registries.Registry) -> Step:
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
@@ -316,21 +314,51 @@ def _decoder_layers(runner: Any) -> Any:
         raise SteerlabError(
             f"steerlab cannot find the decoder layers of {type(model).__name__} in vLLM"
         )
-    return layers
+    start = int(getattr(inner, "start_layer", 0))
+    end = int(getattr(inner, "end_layer", len(layers)))
+    wanted = sorted({layer for v in registry.vectors.values() for layer in v.layers})
+    local = [layer for layer in wanted if start <= layer < end]  # this pipeline stage's
+    device = next(model.parameters()).device
+    buffers = SteeringBuffers(
+        registry.vectors, local, int(runner.max_num_tokens), device, projection_rounds()
+    )
+    runner._steerlab_handles = buffers.install(layers)
+    # vLLM caches compiled graphs on disk by a hash of its config: make the steering part of
+    # it, so a graph compiled with these hooks is never loaded without them (or the reverse).
+    extra = getattr(runner.vllm_config, "additional_config", None)
+    if isinstance(extra, dict):
+        extra["steerlab"] = {
+            "registry": registry.digest,
+            "layers": local,
+            "rounds": buffers.rounds,
+            "slots": buffers.width,
+        }
+    log.info(
+        "steerlab: %d vectors, steerable layers %s on this worker (%d projection rounds)",
+        len(registry.vectors), local, buffers.rounds,
+    )  # fmt: skip
+    return Step(buffers, registry.names)
 
 
-def _model_layers(runner: Any) -> int:
-    return len(_decoder_layers(runner))
-
-
-_tokenizers: dict[int, Any] = {}
-
-
-def _tokenizer(runner: Any) -> Any:
-    key = id(runner)
-    if key not in _tokenizers:
-        from transformers import AutoTokenizer
-
-        config = runner.model_config
-        _tokenizers[key] = AutoTokenizer.from_pretrained(config.tokenizer)
-    return _tokenizers[key]
+def _before_forward(runner: Any, step: Step, positions: torch.Tensor) -> None:
+    batch = runner.input_batch
+    count = batch.num_reqs
+    req_ids = list(batch.req_ids[:count])
+    registry = registries.registry()
+    rows: list[RequestSteering | None] = []
+    lengths: list[int] = []
+    for req_id in req_ids:
+        state = runner.requests[req_id]
+        if not hasattr(state, "_steerlab"):
+            # Admitted by the engine core's preflight with the same registry and rules.
+            state._steerlab = request_steering(
+                getattr(state.sampling_params, "extra_args", None),
+                registry.vectors,
+                rules(runner.model_config),
+                registry.digest,
+            )
+        rows.append(state._steerlab)
+        prompt = int(state.num_prompt_tokens)
+        lengths.append(prompt if state._steerlab is None else state._steerlab.length(prompt))
+    starts = [int(x) for x in runner.query_start_loc.cpu[: count + 1].tolist()]
+    step.before_forward(req_ids, rows, lengths, starts, positions)
