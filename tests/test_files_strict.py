@@ -165,6 +165,16 @@ def test_a_million_bad_lines_list_twenty_problems_and_count_the_rest(tmp_path):
     assert r.returncode == 2 and len(r.stderr.splitlines()) <= SHOWN_PROBLEMS + 3, r.stderr[-500:]
 
 
+def test_problems_past_the_shown_ones_are_counted_not_kept():
+    """A million bad lines must not hold a million messages in memory while loading."""
+    from steerlab.core.dataset import _Problems
+
+    problems = _Problems()
+    for i in range(1000):
+        problems.append(f"line {i}: bad")
+    assert problems.total == 1000 and list(problems) == [f"line {i}: bad" for i in range(20)]
+
+
 def test_a_huge_line_is_refused_before_it_is_tokenized(llama, tmp_path, monkeypatch):
     from steerlab.hf.extraction import build_items
 

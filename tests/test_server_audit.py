@@ -335,18 +335,21 @@ def test_6_the_batcher_never_blocks_on_its_own_queue(llama):
             super().__init__(*args, **kwargs)
 
         def _next(self, block):
-            item = super()._next(block)
-            if not block and not self.filled.is_set():
-                # the worker is mid-take: clients fill every free place of the queue now
-                self.filled.set()
-                while True:
-                    job = _job(temperature=0.5)
-                    try:
-                        self.submit(job)
-                    except QueueFull:
-                        break
-                    self.extra.append(job)
-            return item
+            try:
+                return super()._next(block)
+            except queue.Empty:
+                if not self.filled.is_set():
+                    # the worker has drained the queue into its batch and the jobs it sets
+                    # aside: clients fill every free place of the queue before it puts them back
+                    self.filled.set()
+                    while True:
+                        job = _job(temperature=0.5)
+                        try:
+                            self.submit(job)
+                        except QueueFull:
+                            break
+                        self.extra.append(job)
+                raise
 
     ends: list[str] = []
     lock = threading.Lock()

@@ -13,6 +13,11 @@ MIN_TEMPERATURE = 1e-3
 MIN_TOP_P = 1e-6
 
 
+def limit_temperature(temperature: float) -> float:
+    """The temperature decoding uses: below :data:`MIN_TEMPERATURE`, 0 (greedy, its limit)."""
+    return 0.0 if temperature < MIN_TEMPERATURE else temperature
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Decoding settings.
@@ -41,5 +46,4 @@ class Sampling:
             raise SteerlabError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise SteerlabError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.temperature < MIN_TEMPERATURE:
-            object.__setattr__(self, "temperature", 0.0)  # its limit: greedy
+        object.__setattr__(self, "temperature", limit_temperature(self.temperature))

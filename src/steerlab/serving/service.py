@@ -16,7 +16,7 @@ from steerlab.core.errors import SteerlabError
 from steerlab.core.policy import check_marker
 from steerlab.core.prompts import encode, render_messages
 from steerlab.core.requests import EntryError, Rules, parse_steerings
-from steerlab.core.sampling import MIN_TEMPERATURE
+from steerlab.core.sampling import limit_temperature
 from steerlab.core.steering import Steering
 from steerlab.core.vector import SteeringVector
 from steerlab.serving.batcher import Batcher
@@ -251,9 +251,9 @@ class Service:
                 f"'max_tokens' is {max_tokens:.0f}, above this server's limit of {self.limits.max_tokens}",
                 "max_tokens",
             )
-        temperature = number(body.get("temperature", 0.0), "temperature", 0.0, 2.0)
-        if temperature < MIN_TEMPERATURE:
-            temperature = 0.0  # its limit: greedy (dividing by 1e-300 would overflow)
+        temperature = limit_temperature(
+            number(body.get("temperature", 0.0), "temperature", 0.0, 2.0)
+        )
         top_p = number(body.get("top_p", 1.0), "top_p", 0.0, 1.0, low_open=True)
         seed = body.get("seed")
         if seed is not None:
