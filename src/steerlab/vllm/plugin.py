@@ -104,6 +104,7 @@ def register() -> None:
     except SteerlabError as exc:  # a one-line refusal, not a traceback, in every process
         raise SystemExit(f"steerlab: {exc}") from None
     _patch_api()
+    _patch_workers()
     _patch_engine_core()
     _patch_block_hashes()
     _patch_runner()
@@ -188,8 +189,21 @@ def _markers(tokenizer: Any, ids: list[int], steerings: list[Steering]) -> list[
 
 
 # ----- the engine core: preflight and the workers' registry ------------------------------------
-def _worker_digest(worker: Any) -> str:
-    return registries.registry().digest
+def _patch_workers() -> None:
+    """Two methods every vLLM worker answers (``collective_rpc`` by name, which needs no
+    serialization of code): its registry's digest, and the KL its unsteered twins computed."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    def steerlab_registry_digest(self: Any) -> str:
+        return registries.registry().digest
+
+    def steerlab_fetch_kl(self: Any, keys: list[str]) -> dict[str, list[float]]:
+        from steerlab.vllm.twins import fetch
+
+        return fetch(self, keys)
+
+    WorkerBase.steerlab_registry_digest = steerlab_registry_digest  # type: ignore[attr-defined]
+    WorkerBase.steerlab_fetch_kl = steerlab_fetch_kl  # type: ignore[attr-defined]
 
 
 def _admit(request: Any, model_config: Any) -> RequestSteering | None:
@@ -215,7 +229,7 @@ def _patch_engine_core() -> None:
         init(self, vllm_config, *args, **kwargs)
         mine = registries.registry().digest
         try:
-            theirs = set(self.model_executor.collective_rpc(_worker_digest))
+            theirs = set(self.model_executor.collective_rpc("steerlab_registry_digest"))
         except Exception as exc:  # an executor that cannot run a function: the stamp still guards
             log.warning("steerlab: could not compare the workers' vector registries (%s)", exc)
             return

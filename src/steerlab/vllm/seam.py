@@ -103,7 +103,7 @@ class Seam:
         _, _, out = await self._generate(list(ids) + tokens, twin)
         rows = out.prompt_logprobs[len(ids) :]
         unsteered = [float(r[t].logprob) for r, t in zip(rows, tokens, strict=True)]
-        fetched = await self.engine.collective_rpc(twins.fetch, args=([key],))
+        fetched = await self.engine.collective_rpc("steerlab_fetch_kl", args=([key],))
         kl: list[float] = next((f[key] for f in fetched if f.get(key)), [])
         if len(kl) != len(tokens):
             raise SteerlabError(
