@@ -51,15 +51,30 @@ def test_next_token_logprobs_read_the_position_after_each_prompt(llama):
 
 
 def test_decoding_with_the_unsteered_comparison_through_the_seam(llama):
+    """KL and unsteered log-probabilities per step equal the plain reference's, row by row
+    (an unsteered row: zero KL), with prompts shared between rows."""
     lm = llama
     seqs = prompt_ids(lm)
     s = Steering(random_vector(lm, [1, 2], seed=3), 4.0)
+    rows = [[s], [], [s]]
     out = lm.decode_batch(
-        seqs, [[s], [], [s]], Sampling(6, stop_at_eos=False), track_unsteered=True,
-        share_prompts=True,
-    )  # fmt: skip
+        seqs, rows, Sampling(6, stop_at_eos=False), track_unsteered=True, share_prompts=True
+    )
     assert out.kl is not None and out.unsteered_logprobs is not None
-    assert float(out.kl[1].abs().max()) < 1e-6 and float(out.kl[0].max()) > 0
+    for i, (seq, steering) in enumerate(zip(seqs, rows, strict=True)):
+        tokens = out.tokens[i].tolist()
+        full = list(seq) + tokens
+        steered = torch.log_softmax(
+            reference_logits(lm.model, full, len(seq), steering, lm.layers), -1
+        )[len(seq) - 1 : -1]
+        plain = torch.log_softmax(reference_logits(lm.model, full, len(seq), [], lm.layers), -1)[
+            len(seq) - 1 : -1
+        ]
+        kl = (steered.exp() * (steered - plain)).sum(-1)
+        assert out.kl[i].tolist() == pytest.approx(kl.tolist(), abs=1e-4)
+        want = [float(plain[k, t]) for k, t in enumerate(tokens)]
+        assert out.unsteered_logprobs[i].tolist() == pytest.approx(want, abs=1e-4)
+    assert float(out.kl[1].abs().max()) < 1e-6 and float(out.kl[0].min()) > 0
 
 
 def test_the_engine_registry_drives_help_dispatch_and_capability_errors():
