@@ -16,7 +16,8 @@ engine holds, allocated once on the model's device and never reallocated:
 The forward hook of a steerable decoder layer only does tensor arithmetic on the block's
 output in vLLM's split form (``hidden + residual``): ``R`` rounds of
 ``residual += ((clamp(p, LO, HI) - p) * ON) @ U`` with ``p = (hidden + residual) @ U^T``, then
-``residual += C @ W``. It never branches on what the batch holds, never reads back to the
+``residual += C @ W`` (written as one term per slot when there are at most :data:`UNROLL`
+slots, which the compiler fuses into a pass or two over the residual). It never branches on what the batch holds, never reads back to the
 host and allocates nothing of its own, so dynamo traces it into vLLM's graph once (no graph
 break) and a CUDA graph can capture it: the buffers keep their addresses, and each captured
 size reads the first ``hidden.shape[0]`` rows. Before each forward :mod:`steerlab.vllm.step`
@@ -33,6 +34,10 @@ from typing import Any
 import torch
 
 from steerlab.core.vector import SteeringVector
+
+# Up to this many slots a hook adds one term per slot (fused by the compiler); past it, it
+# uses matrix products, whose cost does not grow with the slots.
+UNROLL = 16
 
 
 class SteeringBuffers:
@@ -110,23 +115,59 @@ class SteeringBuffers:
             if not torch.compiler.is_compiling() and not self.active:
                 return None
             hidden, residual = output  # each [n, d]; the block's output is their sum
-            n = hidden.shape[0]
-            u = self.u[i]  # [S, d]
-            added = self.c[i, :n] @ self.w[i]  # [n, S] @ [S, d]: every addition, float32
-            if self.rounds:  # ablate/clamp act first, each on the result of the one before
-                base = (hidden + residual).float()  # [n, d]
-                moved: torch.Tensor | None = None
-                for r in range(self.rounds):
-                    h = base if moved is None else base + moved
-                    p = h @ u.T  # [n, S]: the projections onto every slot's direction
-                    lo, hi, on = self.lo[r, i, :n], self.hi[r, i, :n], self.on[r, i, :n]
-                    step = ((torch.minimum(torch.maximum(p, lo), hi) - p) * on) @ u
-                    moved = step if moved is None else moved + step
-                assert moved is not None  # rounds >= 1
-                added = added + moved
+            if self.width > UNROLL:
+                added = self._products(i, hidden, residual)
+            else:
+                added = self._terms(i, hidden, residual)
             return hidden, residual + added.to(residual.dtype)
 
         return hook
+
+    def _terms(self, i: int, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """What layer ``i`` adds, one term per slot: with few slots (the usual case) the
+        compiler fuses these into a pass or two over the ``[n, d]`` residual, where three
+        small matrix products per layer cost a compiled CPU engine 7% of its unsteered
+        throughput (``bench/vllm_bench.py``). Same arithmetic as :meth:`_products`."""
+        n = hidden.shape[0]
+        c, w, u = self.c[i, :n], self.w[i], self.u[i]  # [n, S], [S, d], [S, d]
+        added = c[:, 0:1] * w[0]
+        for s in range(1, self.width):
+            added = added + c[:, s : s + 1] * w[s]
+        if self.rounds:  # ablate/clamp act first, each on the result of the one before
+            base = (hidden + residual).float()
+            moved: torch.Tensor | None = None
+            for r in range(self.rounds):
+                h = base if moved is None else base + moved
+                lo, hi, on = self.lo[r, i, :n], self.hi[r, i, :n], self.on[r, i, :n]
+                step: torch.Tensor | None = None
+                for s in range(self.width):
+                    p = (h * u[s]).sum(-1, keepdim=True)  # [n, 1]: projection onto slot s
+                    bounded = torch.minimum(torch.maximum(p, lo[:, s : s + 1]), hi[:, s : s + 1])
+                    term = ((bounded - p) * on[:, s : s + 1]) * u[s]
+                    step = term if step is None else step + term
+                assert step is not None  # width >= 1
+                moved = step if moved is None else moved + step
+            assert moved is not None  # rounds >= 1
+            added = added + moved
+        return added
+
+    def _products(self, i: int, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """What layer ``i`` adds, as matrix products over the slots (many slots)."""
+        n = hidden.shape[0]
+        u = self.u[i]  # [S, d]
+        added = self.c[i, :n] @ self.w[i]  # [n, S] @ [S, d]: every addition, float32
+        if self.rounds:
+            base = (hidden + residual).float()  # [n, d]
+            moved: torch.Tensor | None = None
+            for r in range(self.rounds):
+                h = base if moved is None else base + moved
+                p = h @ u.T  # [n, S]: the projections onto every slot's direction
+                lo, hi, on = self.lo[r, i, :n], self.hi[r, i, :n], self.on[r, i, :n]
+                step = ((torch.minimum(torch.maximum(p, lo), hi) - p) * on) @ u
+                moved = step if moved is None else moved + step
+            assert moved is not None  # rounds >= 1
+            added = added + moved
+        return added
 
     def clear(self) -> None:
         """Zero what the last steered step wrote (a step that steers nothing)."""

@@ -63,7 +63,7 @@ def vectors() -> dict[str, SteeringVector]:
 
 def projection_rounds() -> int:
     """ablate/clamp steerings one request may put on one layer (``$STEERLAB_PROJECTIONS``,
-    default 1; each round costs two small matrix products per steerable layer per step)."""
+    default 1; each round costs a projection per slot per steerable layer per step)."""
     raw = os.environ.get(ENV_PROJECTIONS, "1")
     if not raw.isdigit() or int(raw) > 8:
         raise SteerlabError(f"{ENV_PROJECTIONS} must be a whole number from 0 to 8, got {raw!r}")
