@@ -1,4 +1,4 @@
-"""Write BENCHMARKS.md, and the README's benchmark summary, from committed results only.
+"""Write BENCHMARKS.md, and the README's benchmark blocks, from committed results only.
 
 Every figure comes from the newest ``bench/results/<section>-<date>.json`` of each section
 (see ``bench/common.py``); nothing here is typed in by hand, and ``tests/test_benchmarks.py``
@@ -19,8 +19,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SECTIONS = ("extraction", "generation", "overhead", "vllm", "sweep")
-README_BEGIN = "<!-- bench:begin (written by bench/report.py from bench/results) -->"
-README_END = "<!-- bench:end -->"
+# The README blocks this script owns: the summary under "Benchmarks" and the measured table
+# in "Steering inside vLLM"; each lies between its begin and end markers.
+BLOCKS = ("bench", "bench-vllm")
+
+
+def begin(block: str) -> str:
+    return f"<!-- {block}:begin (written by bench/report.py from bench/results) -->"
+
+
+def end(block: str) -> str:
+    return f"<!-- {block}:end -->"
+
+
 LAYER, LAYERS = 10, 30  # the steered layer of the generation section and SmolLM2's depth
 
 
@@ -289,6 +300,32 @@ def _vllm(name: str, r: dict[str, Any], summary: list[str]) -> list[str]:
     return lines
 
 
+def vllm_table(r: dict[str, Any]) -> list[str]:
+    """The README's measured vLLM table: tokens/s and paired ratios, as BENCHMARKS.md has them."""
+    tps, paired = r["tokens_per_s"], r["paired"]
+    every = next(k.split(" | ")[1] for k in next(iter(tps.values())) if "all" in k)
+    lines = [
+        f"Measured by `bench/vllm_bench.py` ({r['date'][:10]}, default model, fp32, greedy, "
+        f"{r['tokens']} tokens per request, 2 CPU threads; BENCHMARKS.md has every unit):",
+        "",
+        "| batch | plugin absent, tok/s | compiled unsteered | compiled, 1 layer steered | "
+        "compiled, all 30 steered | eager, all 30 steered | steered / unsteered (1 layer; "
+        "all 30) | plugin loaded / absent |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for b, units in tps.items():
+        q = paired[b]
+        lines.append(
+            f"| {b} | {units['no plugin | unsteered']:.1f} | {units['compiled | unsteered']:.1f} "
+            f"| {units['compiled | steered, 1 layer']:.1f} | {units[f'compiled | {every}']:.1f} "
+            f"| {units[f'eager | {every}']:.1f} "
+            f"| {q['compiled steered 1 layer / compiled unsteered']:.3f}; "
+            f"{q['compiled steered all layers / compiled unsteered']:.3f} "
+            f"| {q['plugin loaded, unsteered / plugin absent']:.3f} |"
+        )
+    return lines
+
+
 def _sweep(name: str, r: dict[str, Any], summary: list[str]) -> list[str]:
     lines = [
         "## A sweep on the Hugging Face engine and on vLLM (`bench/sweep_bench.py`, in .venv-vllm)",
@@ -296,8 +333,8 @@ def _sweep(name: str, r: dict[str, Any], summary: list[str]) -> list[str]:
         _provenance(name, r),
         "",
         f"The shipped sentiment vector at layers {','.join(map(str, r['layers']))} x "
-        f"multipliers {','.join(f'{m:g}' for m in r['multipliers'])} ({r['cells']} cells: the "
-        f"baseline once), {r['prompts']} shipped neutral prompts, {r['tokens']} greedy tokens, "
+        f"multipliers {','.join(f'{m:g}' for m in r['multipliers'])} ({r['cells']} cells, "
+        f"each layer's multiplier 0 included), {r['prompts']} shipped neutral prompts, {r['tokens']} greedy tokens, "
         "the VADER judge, KL and perplexity under the unsteered model for every cell. The "
         "vector was extracted once; each engine then scored every cell, one after the other "
         "in one process: Hugging Face in padded batches of 192 rows sharing each prompt's "
@@ -354,8 +391,8 @@ NOTES = [
 ]
 
 
-def render(results: Path = RESULTS) -> tuple[str, str]:
-    """BENCHMARKS.md and the README's summary block, from the results in ``results``."""
+def render(results: Path = RESULTS) -> tuple[str, dict[str, str]]:
+    """BENCHMARKS.md and the README's blocks (by name, markers included), from ``results``."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     lines = [
         "# Benchmarks",
@@ -374,20 +411,27 @@ def render(results: Path = RESULTS) -> tuple[str, str]:
         if found is not None:
             lines += RENDER[section](found[0], found[1], summary)
     lines += NOTES
-    block = "\n".join([README_BEGIN, *summary, README_END])
-    return "\n".join(lines), block
+    found = latest("vllm", results)
+    table = vllm_table(found[1]) if found else ["No vLLM result committed yet."]
+    blocks = {
+        "bench": "\n".join([begin("bench"), *summary, end("bench")]),
+        "bench-vllm": "\n".join([begin("bench-vllm"), *table, end("bench-vllm")]),
+    }
+    return "\n".join(lines), blocks
 
 
 def main() -> None:
-    text, block = render()
-    (ROOT / "BENCHMARKS.md").write_text(text)
+    text, blocks = render()
     readme = ROOT / "README.md"
-    old = readme.read_text()
-    pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.DOTALL)
-    if not pattern.search(old):
-        sys.exit("error: README.md has no benchmark block (bench:begin ... bench:end)")
-    readme.write_text(pattern.sub(lambda _: block, old))
-    print("wrote BENCHMARKS.md and the README's benchmark summary")
+    new = readme.read_text()
+    for name, block in blocks.items():
+        pattern = re.compile(re.escape(begin(name)) + ".*?" + re.escape(end(name)), re.DOTALL)
+        if not pattern.search(new):
+            sys.exit(f"error: README.md has no {name} block ({begin(name)} ... {end(name)})")
+        new = pattern.sub(lambda _, block=block: block, new)
+    (ROOT / "BENCHMARKS.md").write_text(text)
+    readme.write_text(new)
+    print("wrote BENCHMARKS.md and the README's benchmark blocks")
 
 
 if __name__ == "__main__":

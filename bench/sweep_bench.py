@@ -1,8 +1,8 @@
 """A sweep on the Hugging Face engine and on vLLM, in one run (issue #25).
 
 Run by `make bench` in .venv-vllm (it has vLLM, and steerlab with the eval extra). The
-shipped sentiment vector at layers 6,9,12,15,18 x multipliers -8,-4,-2,0,2,4,8 (31 cells: the
-baseline once), the 32 shipped neutral prompts, 40 greedy tokens, the VADER judge, KL and
+shipped sentiment vector at layers 6,9,12,15,18 x multipliers -8,-4,-2,0,2,4,8 (35 cells, each
+layer's multiplier 0 included), the 32 shipped neutral prompts, 40 greedy tokens, the VADER judge, KL and
 perplexity under the unsteered model for every cell. The vector is extracted once; each
 engine then scores every cell (``run_sweep`` with the vector already in its folder): the
 Hugging Face engine in padded batches of 192 rows sharing each prompt's prefill, vLLM (its

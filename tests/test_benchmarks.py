@@ -18,10 +18,12 @@ import report  # noqa: E402
 
 
 def test_benchmarks_md_regenerates_byte_for_byte_from_committed_results():
-    text, block = report.render()
+    text, blocks = report.render()
     assert (ROOT / "BENCHMARKS.md").read_text() == text
     readme = (ROOT / "README.md").read_text()
-    assert block in readme
+    assert set(blocks) == set(report.BLOCKS)
+    for block in blocks.values():
+        assert block in readme
 
 
 def test_every_section_has_a_committed_result_from_a_quiet_machine():
@@ -34,10 +36,22 @@ def test_every_section_has_a_committed_result_from_a_quiet_machine():
 
 
 def test_every_figure_the_readme_quotes_in_its_summary_is_in_benchmarks_md():
-    _, block = report.render()
+    _, blocks = report.render()
     text = (ROOT / "BENCHMARKS.md").read_text()
-    for number in re.findall(r"\*\*([0-9.]+)[×%]?\*\*", block):
+    numbers = re.findall(r"\*\*([0-9.]+)[×%]?\*\*", blocks["bench"])
+    assert numbers
+    for number in numbers:
         assert number in text, number
+
+
+def test_every_figure_of_the_readme_vllm_table_is_in_benchmarks_md():
+    _, blocks = report.render()
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    rows = [line for line in blocks["bench-vllm"].splitlines() if re.match(r"\| \d", line)]
+    assert len(rows) == 3  # batch 1, 8, 32
+    for row in rows:
+        for number in re.findall(r"\d+\.\d+", row):
+            assert number in text, (number, row)
 
 
 def test_the_extraction_target_holds_in_the_committed_run():
