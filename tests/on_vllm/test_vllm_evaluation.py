@@ -88,3 +88,12 @@ def test_scores_and_next_token_logprobs_agree_across_engines(both):
     for x, y in zip(hf, vl, strict=True):
         assert all(abs(p - q) < 1e-3 for p, q in zip(x, y, strict=True)), (x, y)
         assert all(math.isfinite(p) for p in y)
+
+
+def test_on_the_cpu_the_kv_cache_is_a_fixed_size_unless_the_environment_says():
+    """vLLM's CPU default reserves 92% of the machine and refuses to start beside a model this
+    process already holds (the sweep's extraction): the engine asks for a fixed size."""
+    from steerlab.vllm.engine import CPU_KV_CACHE_GIB, cpu_kv_cache
+
+    assert cpu_kv_cache({}) == {"kv_cache_memory_bytes": CPU_KV_CACHE_GIB * 2**30}
+    assert cpu_kv_cache({"VLLM_CPU_KVCACHE_SPACE": "2"}) == {}

@@ -16,7 +16,7 @@ import asyncio
 import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,23 @@ from steerlab.vllm.requests import extra_args
 from steerlab.vllm.seam import Seam
 
 _POLL = 0.05  # seconds between checks of a running row's cancellation and deadline
+
+
+CPU_KV_CACHE_GIB = 4
+
+
+def cpu_kv_cache(environ: Mapping[str, str]) -> dict[str, int]:
+    """The KV cache size to give vLLM's CPU build, unless ``VLLM_CPU_KVCACHE_SPACE`` says.
+
+    Its default reserves 92% of the machine's memory and refuses to start when this process
+    already holds more than the rest (a sweep extracts on the Hugging Face engine first, in
+    the same process): a fixed 4 GiB starts beside it. Other platforms keep vLLM's default.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return {}
+    return {"kv_cache_memory_bytes": CPU_KV_CACHE_GIB * 2**30}
 
 
 class VllmEngine(Seam):
@@ -100,6 +117,7 @@ class VllmEngine(Seam):
             pipeline_parallel_size=pipeline_parallel_size,
             disable_log_stats=True,
             logits_processors=["steerlab.vllm.twins:Twins"],  # KL against unsteered twins
+            **cpu_kv_cache(os.environ),
         )
         self.engine = self._call(self._start(args))
         self._tokenizer = self.engine.get_tokenizer()
