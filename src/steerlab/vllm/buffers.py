@@ -22,8 +22,8 @@ host and allocates nothing of its own, so dynamo traces it into vLLM's graph onc
 break) and a CUDA graph can capture it: the buffers keep their addresses, and each captured
 size reads the first ``hidden.shape[0]`` rows. Before each forward :mod:`steerlab.vllm.step`
 writes the step's coefficients in place and zeroes the rows it wrote last time; a step with
-no steered request writes nothing and costs one zero-coefficient multiply-add per steerable
-layer (eager vLLM skips even that).
+no steered request writes nothing and still runs the hook's arithmetic, with zero
+coefficients, at every steerable layer (eager vLLM skips it).
 """
 
 from __future__ import annotations
@@ -125,9 +125,9 @@ class SteeringBuffers:
 
     def _terms(self, i: int, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """What layer ``i`` adds, one term per slot: with few slots (the usual case) the
-        compiler fuses these into a pass or two over the ``[n, d]`` residual, where three
-        small matrix products per layer cost a compiled CPU engine 7% of its unsteered
-        throughput (``bench/vllm_bench.py``). Same arithmetic as :meth:`_products`."""
+        compiler fuses these into a pass or two over the ``[n, d]`` residual instead of three
+        separate small matrix products (docs/design.md, "The vLLM engine", for what that
+        changed in the benchmark). Same arithmetic as :meth:`_products`."""
         n = hidden.shape[0]
         c, w, u = self.c[i, :n], self.w[i], self.u[i]  # [n, S], [S, d], [S, d]
         added = c[:, 0:1] * w[0]
