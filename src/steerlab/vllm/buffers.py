@@ -115,55 +115,25 @@ class SteeringBuffers:
             if not torch.compiler.is_compiling() and not self.active:
                 return None
             hidden, residual = output  # each [n, d]; the block's output is their sum
-            if self.width > UNROLL:
-                added = self._products(i, hidden, residual)
-            else:
-                added = self._terms(i, hidden, residual)
+            added = self._delta(i, hidden, residual)
             return hidden, residual + added.to(residual.dtype)
 
         return hook
 
-    def _terms(self, i: int, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """What layer ``i`` adds, one term per slot: with few slots (the usual case) the
-        compiler fuses these into a pass or two over the ``[n, d]`` residual instead of three
-        separate small matrix products (docs/design.md, "The vLLM engine", for what that
-        changed in the benchmark). Same arithmetic as :meth:`_products`."""
+    def _delta(self, i: int, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """What layer ``i`` adds to the residual (float32, ``[n, d]``)."""
         n = hidden.shape[0]
         c, w, u = self.c[i, :n], self.w[i], self.u[i]  # [n, S], [S, d], [S, d]
-        added = c[:, 0:1] * w[0]
-        for s in range(1, self.width):
-            added = added + c[:, s : s + 1] * w[s]
+        fused = self.width <= UNROLL
+        added = _mix(c, w, fused)  # every addition
         if self.rounds:  # ablate/clamp act first, each on the result of the one before
-            base = (hidden + residual).float()
-            moved: torch.Tensor | None = None
-            for r in range(self.rounds):
-                h = base if moved is None else base + moved
-                lo, hi, on = self.lo[r, i, :n], self.hi[r, i, :n], self.on[r, i, :n]
-                step: torch.Tensor | None = None
-                for s in range(self.width):
-                    p = (h * u[s]).sum(-1, keepdim=True)  # [n, 1]: projection onto slot s
-                    bounded = torch.minimum(torch.maximum(p, lo[:, s : s + 1]), hi[:, s : s + 1])
-                    term = ((bounded - p) * on[:, s : s + 1]) * u[s]
-                    step = term if step is None else step + term
-                assert step is not None  # width >= 1
-                moved = step if moved is None else moved + step
-            assert moved is not None  # rounds >= 1
-            added = added + moved
-        return added
-
-    def _products(self, i: int, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """What layer ``i`` adds, as matrix products over the slots (many slots)."""
-        n = hidden.shape[0]
-        u = self.u[i]  # [S, d]
-        added = self.c[i, :n] @ self.w[i]  # [n, S] @ [S, d]: every addition, float32
-        if self.rounds:
             base = (hidden + residual).float()  # [n, d]
             moved: torch.Tensor | None = None
             for r in range(self.rounds):
                 h = base if moved is None else base + moved
-                p = h @ u.T  # [n, S]: the projections onto every slot's direction
+                p = _project(h, u, fused)  # [n, S]: the projections onto every slot's direction
                 lo, hi, on = self.lo[r, i, :n], self.hi[r, i, :n], self.on[r, i, :n]
-                step = ((torch.minimum(torch.maximum(p, lo), hi) - p) * on) @ u
+                step = _mix((torch.minimum(torch.maximum(p, lo), hi) - p) * on, u, fused)
                 moved = step if moved is None else moved + step
             assert moved is not None  # rounds >= 1
             added = added + moved
@@ -196,3 +166,23 @@ class SteeringBuffers:
             self.on[:, :, n : self.written].zero_()
         self.written = n
         self.active = True
+
+
+# With few slots (``fused``, the usual case) the products below are written one term per slot,
+# which the compiler fuses into a pass or two over the residual instead of separate small
+# matrix products (docs/design.md, "The vLLM engine", for what that changed in the benchmark).
+def _mix(coef: torch.Tensor, dirs: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``coef @ dirs`` (``[n, S] @ [S, d]``)."""
+    if not fused:
+        return coef @ dirs
+    out = coef[:, 0:1] * dirs[0]
+    for s in range(1, dirs.shape[0]):
+        out = out + coef[:, s : s + 1] * dirs[s]
+    return out
+
+
+def _project(h: torch.Tensor, dirs: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``h @ dirs.T`` (``[n, d] @ [d, S]``)."""
+    if not fused:
+        return h @ dirs.T
+    return torch.cat([(h * dirs[s]).sum(-1, keepdim=True) for s in range(dirs.shape[0])], -1)
