@@ -238,14 +238,22 @@ def _vllm(name: str, r: dict[str, Any], summary: list[str]) -> list[str]:
         "",
         _provenance(name, r),
         "",
-        "Three engines, each in its own process and idle while another runs: vLLM's default "
+        "Each engine in its own process, idle while another runs: vLLM's default "
         "compiled mode (dynamo + inductor) with the plugin and two registered vectors (one "
         'layer; all 30 layers), the same mode without the plugin (`VLLM_PLUGINS=""`), and '
         "eager mode with the plugin. Default model, fp32, greedy, "
         f"{r['tokens']} tokens per request; every (engine, variant) once per round, "
         f"{r['rounds']} rounds whose order rotates. tokens/s from each unit's median round; "
         "*paired* ratios are the median over rounds of the ratio within a round. The HF "
-        f"engine ran the same prompts ({r['hf_rounds']} rounds, median).",
+        f"engine ran the same prompts ({r['hf_rounds']} rounds, median)."
+        + (
+            " Plugin loaded / absent compares processes, and two processes of one engine "
+            "differ by a few percent here, so each side is two processes (`compiled` and "
+            "`compiled b`, `no plugin` and `no plugin b`; their summed time per round) and "
+            "the two absent processes' own ratio is the noise floor."
+            if any("noise floor" in k for k in next(iter(paired.values())))
+            else ""
+        ),
         "",
         "| batch | engine | run | tokens/s | steerlab HF engine tokens/s | vLLM / HF |",
         "|---|---|---|---|---|---|",

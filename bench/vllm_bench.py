@@ -1,14 +1,18 @@
 """vLLM (CPU build) with steerlab's plugin: compiled and eager, steered and unsteered, plugin
 loaded and absent, beside steerlab's Hugging Face engine, in one run.
 
-Run by `make bench` in .venv-vllm. Three engines, each in its own worker process
+Run by `make bench` in .venv-vllm. Five engines, each in its own worker process
 (``bench/vllm_worker.py``) and idle while another runs: vLLM's default compiled mode with
-the plugin and two registered vectors (one layer; all 30 layers), the same mode with no
-plugin at all (``VLLM_PLUGINS=""``), and eager mode with the plugin. Default model, fp32,
-greedy, 32 tokens per request, batch 1, 8 and 32. Every (engine, variant) runs once per
-round, in an order that rotates each round; a ratio's figure is the median over rounds of
-the ratio within a round (paired), and tokens/s come from each unit's median round. The HF
-engine runs the same prompts in this process between rounds. Writes
+the plugin and two registered vectors (one layer; all 30 layers), a second such process, two
+processes of the same mode with no plugin at all (``VLLM_PLUGINS=""``), and eager mode with
+the plugin. Default model, fp32, greedy, 32 tokens per request, batch 1, 8 and 32. Every
+(engine, variant) runs once per round, in an order that rotates each round; a ratio's figure
+is the median over rounds of the ratio within a round (paired), and tokens/s come from each
+unit's median round. Ratios within one process (steered / unsteered) need nothing more;
+plugin loaded / absent compares processes, and two processes of one engine differ by a few
+percent on this machine (where each lands in memory), so each side is two processes (their
+summed time per round) and the two absent processes' own ratio is reported beside it as the
+noise floor. The HF engine runs the same prompts in this process between rounds. Writes
 ``bench/results/vllm-<date>.json``.
 """
 
@@ -40,7 +44,9 @@ UNITS = [
     ("compiled", "steered, all 30 layers"),
     ("no plugin", "unsteered"),
     ("eager", "unsteered"),
+    ("compiled b", "unsteered"),
     ("eager", "steered, 1 layer"),
+    ("no plugin b", "unsteered"),
     ("eager", "steered, all 30 layers"),
 ]
 
@@ -112,11 +118,17 @@ def main() -> None:
     with Quiet("vllm") as quiet:
         workers = {
             "compiled": Worker("compiled", {**base, "variants": variants, "eager": False}, env),
-            "no plugin": Worker(
-                "no plugin",
-                {**base, "variants": {"unsteered": []}, "eager": False},
-                {**env, "VLLM_PLUGINS": ""},
+            "compiled b": Worker(
+                "compiled b", {**base, "variants": {"unsteered": []}, "eager": False}, env
             ),
+            **{
+                name: Worker(
+                    name,
+                    {**base, "variants": {"unsteered": []}, "eager": False},
+                    {**env, "VLLM_PLUGINS": ""},
+                )
+                for name in ("no plugin", "no plugin b")
+            },
             "eager": Worker("eager", {**base, "variants": variants, "eager": True}, env),
         }
         times: dict[str, dict[str, list[float]]] = {
@@ -158,6 +170,12 @@ def main() -> None:
         rows = times[batch]
         return statistics.median(y / x for x, y in zip(rows[a], rows[b], strict=True))
 
+    def pooled(batch: str, a: tuple[str, str], b: tuple[str, str]) -> float:
+        """As :func:`paired`, each side the summed time of its two processes in the round."""
+        rows = times[batch]
+        sides = [[x + y for x, y in zip(rows[p], rows[q], strict=True)] for p, q in (a, b)]
+        return statistics.median(y / x for x, y in zip(*sides, strict=True))
+
     result: dict[str, Any] = {"tokens": TOKENS, "rounds": ROUNDS, "hf_rounds": HF_ROUNDS,
                               "seconds": times, "hf_seconds": hf_times, "plugin_host_share": shares}  # fmt: skip
     ratios: dict[str, dict[str, float]] = {}
@@ -170,8 +188,13 @@ def main() -> None:
             "compiled steered all layers / compiled unsteered": paired(
                 b, f"compiled | {every_name}", "compiled | unsteered"
             ),
-            "plugin loaded, unsteered / plugin absent": paired(
-                b, "compiled | unsteered", "no plugin | unsteered"
+            "plugin loaded, unsteered / plugin absent": pooled(
+                b,
+                ("compiled | unsteered", "compiled b | unsteered"),
+                ("no plugin | unsteered", "no plugin b | unsteered"),
+            ),
+            "plugin absent, one process / another (noise floor)": paired(
+                b, "no plugin b | unsteered", "no plugin | unsteered"
             ),
             "compiled steered all layers / eager steered all layers": paired(
                 b, f"compiled | {every_name}", f"eager | {every_name}"

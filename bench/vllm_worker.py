@@ -23,7 +23,7 @@ TOKENS = int(os.environ.get("BENCH_VLLM_TOKENS", "32"))
 def main() -> None:
     options = json.loads(sys.argv[1])
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # five engines share 24 GiB
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
