@@ -8,12 +8,17 @@ processes of the same mode with no plugin at all (``VLLM_PLUGINS=""``), and eage
 the plugin. Default model, fp32, greedy, 32 tokens per request, batch 1, 8 and 32. Every
 (engine, variant) runs once per round, in an order that rotates each round; a ratio's figure
 is the median over rounds of the ratio within a round (paired), and tokens/s come from each
-unit's median round. Ratios within one process (steered / unsteered) need nothing more;
-plugin loaded / absent compares processes, and two processes of one engine differ by a few
-percent on this machine (where each lands in memory), so each side is two processes (their
-summed time per round) and the two absent processes' own ratio is reported beside it as the
-noise floor. The HF engine runs the same prompts in this process between rounds. Writes
-``bench/results/vllm-<date>.json``.
+unit's median round.
+
+Before each timed call a worker makes one short untimed call, so its engine's weights are
+back in the CPU's cache after another engine's turn, as they are for an engine that runs
+alone (without it, a unit that follows another process pays for the cache and one that
+follows its own does not, which the rotation cannot pair away). Ratios within one process
+(steered / unsteered) need nothing more; plugin loaded / absent compares processes, and two
+processes of one engine differ by a few percent on this machine, so each side is two
+processes (their summed time per round) and the two absent processes' own ratio is reported
+beside it as the noise floor. The HF engine runs the same prompts in this process between
+rounds. Writes ``bench/results/vllm-<date>.json``.
 """
 
 from __future__ import annotations
