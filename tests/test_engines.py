@@ -176,3 +176,22 @@ def test_a_finished_sweep_reread_under_another_rule_starts_no_engine(tmp_path):
     assert "decrease" in (tmp_path / "report.md").read_text()
     if first["recommendation"] and rule:
         assert rule["shift"] <= first["recommendation"]["shift"] or math.isnan(rule["shift"])
+
+
+def test_projection_rounds_are_refused_by_name_where_an_engine_has_none():
+    """The vLLM plugin starts without projection rounds (additions only): an ablate or clamp
+    entry is a one-line refusal naming the setting that enables it; with one round, one per
+    layer passes and a second at the same layer is refused."""
+    from steerlab.core.requests import EntryError, Rules, parse_steerings
+
+    vector = random_vector(tiny.model(), layers=[1, 2])
+    vectors = {"v": vector}
+    ablate = [{"vector": "v", "operator": "ablate", "layers": [1]}]
+    with pytest.raises(EntryError, match=r"STEERLAB_PROJECTIONS=1") as none:
+        parse_steerings(ablate, vectors, Rules(num_layers=4, max_projections=0))
+    assert "\n" not in str(none.value)
+    adds = [{"vector": "v", "multiplier": 2.0, "layers": [1]}]
+    assert len(parse_steerings(adds, vectors, Rules(num_layers=4, max_projections=0))) == 1
+    assert len(parse_steerings(ablate, vectors, Rules(num_layers=4, max_projections=1))) == 1
+    with pytest.raises(EntryError, match=r"at most 1 per layer"):
+        parse_steerings(ablate * 2, vectors, Rules(num_layers=4, max_projections=1))

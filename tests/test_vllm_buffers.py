@@ -61,16 +61,19 @@ def _reference(
     return out
 
 
+@pytest.mark.parametrize("rounds", [2, 0], ids=["two projection rounds", "additions only"])
 @pytest.mark.parametrize("unroll", [16, 0], ids=["one term per slot", "matrix products"])
-def test_a_hook_adds_what_a_per_token_reference_adds(monkeypatch, unroll):
+def test_a_hook_adds_what_a_per_token_reference_adds(monkeypatch, unroll, rounds):
     monkeypatch.setattr(module, "UNROLL", unroll)
     vectors = _registry()
-    buffers = SteeringBuffers(vectors, [1, 3], max_tokens=8, device=torch.device("cpu"), rounds=2)
+    buffers = SteeringBuffers(
+        vectors, [1, 3], max_tokens=8, device=torch.device("cpu"), rounds=rounds
+    )
     blocks = torch.nn.ModuleList(Block() for _ in range(LAYERS))
     handles = buffers.install(blocks)
     assert len(handles) == 2 and buffers.width == 3
     gen = torch.Generator().manual_seed(1)
-    shape = (2, 2, TOKENS, 3)  # [R, L, n, S]
+    shape = (rounds, 2, TOKENS, 3)  # [R, L, n, S]
     c = torch.randn(2, TOKENS, 3, generator=gen)
     on = (torch.rand(shape, generator=gen) > 0.4).float()
     lo = -torch.rand(shape, generator=gen)

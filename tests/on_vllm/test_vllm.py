@@ -65,6 +65,8 @@ def setup(request, hf):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["STEERLAB_VECTORS"] = str(folder)
+    rounds = os.environ.get("STEERLAB_PROJECTIONS")
+    os.environ["STEERLAB_PROJECTIONS"] = "1"  # the operators' tests (the default is 0)
     from steerlab.vllm import registry
 
     registry.reset()  # this process loads the test's folder
@@ -82,6 +84,10 @@ def setup(request, hf):
         seed=0,
     )
     yield lm, llm, vecs, ids, request.param
+    if rounds is None:
+        os.environ.pop("STEERLAB_PROJECTIONS", None)
+    else:
+        os.environ["STEERLAB_PROJECTIONS"] = rounds
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()

@@ -283,6 +283,13 @@ def check_totals(steerings: Sequence[Steering], rules: Rules) -> None:
             )
     if rules.max_projections is not None:
         for layer, count in sorted(projections.items()):
+            if rules.max_projections == 0:
+                raise EntryError(
+                    f"ablate/clamp at layer {layer} needs projection rounds this engine was "
+                    "started without: start the vLLM server with STEERLAB_PROJECTIONS=1 (or "
+                    "more), or use the Hugging Face engine",
+                    KEY,
+                )
             if count > rules.max_projections:
                 raise EntryError(
                     f"{count} ablate/clamp steerings at layer {layer}: this engine applies at "

@@ -63,8 +63,11 @@ def vectors() -> dict[str, SteeringVector]:
 
 def projection_rounds() -> int:
     """ablate/clamp steerings one request may put on one layer (``$STEERLAB_PROJECTIONS``,
-    default 1; each round costs a projection per slot per steerable layer per step)."""
-    raw = os.environ.get(ENV_PROJECTIONS, "1")
+    default 0: additions only). Each round costs a projection per slot per steerable layer
+    on every compiled step, steered or not, which measured a few percent of an unsteered
+    deployment's throughput at batch 1 and 8 here (docs/design.md, "The vLLM engine"); with
+    none the plugin's cost was within the noise."""
+    raw = os.environ.get(ENV_PROJECTIONS, "0")
     if not raw.isdigit() or int(raw) > 8:
         raise SteerlabError(f"{ENV_PROJECTIONS} must be a whole number from 0 to 8, got {raw!r}")
     return int(raw)
