@@ -63,10 +63,11 @@ class Seam:
         entries: list[dict[str, Any]],
         sampling: Sampling,
         seed: int | None,
-    ) -> tuple[list[int], list[float], list[float]]:
-        """A row with the unsteered log-probability of each of its tokens and the per-step
-        KL(steered || unsteered): its unsteered twin scores the row's tokens in one prefill
-        while the worker compares whole distributions (:mod:`steerlab.vllm.twins`)."""
+    ) -> tuple[list[int], list[float], str | None]:
+        """A row with the unsteered log-probability of each of its tokens and the key under
+        which the workers hold its per-step KL(steered || unsteered) (None: an unsteered row,
+        KL 0): its unsteered twin scores the row's tokens in one prefill while the worker
+        compares whole distributions (:mod:`steerlab.vllm.twins`)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -82,7 +83,7 @@ class Seam:
                 output_kind=RequestOutputKind.DELTA,
             )
             tokens, logprobs, _ = await self._generate(ids, plain)
-            return tokens, logprobs, [0.0] * len(tokens)
+            return tokens, logprobs, None
         key = uuid.uuid4().hex
         extra: dict[str, Any] = {twins.KEY: {"key": key, "role": "row"}, **extra_args(entries)}
         row = SamplingParams(
@@ -103,13 +104,18 @@ class Seam:
         _, _, out = await self._generate(list(ids) + tokens, twin)
         rows = out.prompt_logprobs[len(ids) :]
         unsteered = [float(r[t].logprob) for r, t in zip(rows, tokens, strict=True)]
-        fetched = await self.engine.collective_rpc("steerlab_fetch_kl", args=([key],))
-        kl: list[float] = next((f[key] for f in fetched if f.get(key)), [])
-        if len(kl) != len(tokens):
-            raise SteerlabError(
-                f"the unsteered twin gave {len(kl)} KL values for {len(tokens)} tokens"
-            )
-        return tokens, unsteered, kl
+        return tokens, unsteered, key
+
+    def _fetch_kl(self, keys: list[str]) -> dict[str, list[float]]:
+        """The KL each twin computed in the workers, by row key (one call for a batch)."""
+        if not keys:
+            return {}
+        call = self.engine.collective_rpc("steerlab_fetch_kl", args=(keys,))
+        fetched = asyncio.run_coroutine_threadsafe(call, self._loop).result()
+        out: dict[str, list[float]] = {}
+        for worker in fetched:  # the workers that hold the last stage answer; others are empty
+            out.update({k: v for k, v in worker.items() if v})
+        return out
 
     def decode_batch(
         self,
@@ -152,6 +158,7 @@ class Seam:
                 coro = self._plain(ids, entries, sampling, seed_of(r))
             futures.append(asyncio.run_coroutine_threadsafe(coro, self._loop))
         results = [f.result() for f in futures]
+        kls = self._fetch_kl([r[2] for r in results if isinstance(r[2], str)])
         generated = [r[0] for r in results]
         lengths = [len(g) for g in generated]
         eos = self._tokenizer.eos_token_id
@@ -164,7 +171,14 @@ class Seam:
             tokens[r, : len(g)] = torch.tensor(g, dtype=torch.long)
             if kl is not None and unsteered is not None:
                 unsteered[r, : len(g)] = torch.tensor(results[r][1])
-                kl[r, : len(g)] = torch.tensor(results[r][2])
+                key = results[r][2]
+                if isinstance(key, str):  # a steered row: its twin's KL
+                    values = kls.get(key, [])
+                    if len(values) != len(g):
+                        raise SteerlabError(
+                            f"the unsteered twin gave {len(values)} KL values for {len(g)} tokens"
+                        )
+                    kl[r, : len(g)] = torch.tensor(values)
         if on_step is not None:
             done = torch.zeros(len(generated), dtype=torch.bool)
             for step in range(width):
@@ -179,7 +193,7 @@ class Seam:
         entries: list[dict[str, Any]],
         sampling: Sampling,
         seed: int | None,
-    ) -> tuple[list[int], list[float], list[float]]:
+    ) -> tuple[list[int], list[float], str | None]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -193,7 +207,7 @@ class Seam:
             extra_args=extra_args(entries) if entries else None,
         )
         tokens, _, _ = await self._generate(ids, params)
-        return tokens, [], []
+        return tokens, [], None
 
     def next_token_logprobs(
         self,

@@ -77,11 +77,12 @@ class Twins(LogitsProcessor):  # type: ignore[misc]
                 self.rows[a] = second
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        for index, (key, output) in self.rows.items():
-            if index < logits.shape[0]:
-                _pending.setdefault(key, {})[len(output)] = torch.log_softmax(
-                    logits[index].float(), -1
-                )
+        rows = [(i, key, out) for i, (key, out) in self.rows.items() if i < logits.shape[0]]
+        if rows:  # one log-softmax for the step's tagged rows; each keeps its own row
+            index = torch.tensor([i for i, _, _ in rows], device=logits.device)
+            lps = torch.log_softmax(logits.index_select(0, index).float(), -1)
+            for lp, (_, key, output) in zip(lps, rows, strict=True):
+                _pending.setdefault(key, {})[len(output)] = lp
         return logits
 
 
@@ -100,17 +101,21 @@ def score_hook(runner: Any, hidden_states: torch.Tensor, scheduled: dict[str, in
         key, prompt = str(tag["key"]), int(tag["prompt"])
         start = request.num_computed_tokens  # position of this chunk's first token
         count = min(tokens, len(request.prompt_token_ids) - 1 - start)
-        if count <= 0:
+        first = max(0, prompt - 1 - start)  # the chunk's first token that predicts a row token
+        stored = _pending.get(key, {})
+        # (index in the chunk, which generated token it predicts) for the stored ones
+        picked = [(i, start + i - (prompt - 1)) for i in range(first, max(count, first))]
+        picked = [(i, g) for i, g in picked if g in stored]
+        if not picked:
             continue
         offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]])
-        logits = runner.model.compute_logits(hidden_states[offset : offset + count])
-        stored = _pending.get(key, {})
-        for i in range(count):
-            generated = start + i - (prompt - 1)  # which generated token position p predicts
-            lp = stored.pop(generated, None)
-            if generated < 0 or lp is None:
-                continue
-            lq = torch.log_softmax(logits[i].float(), -1)
-            p = lp.exp()
-            terms = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p))
-            _kl.setdefault(key, {})[generated] = float(terms.sum())
+        rows = torch.tensor([offset + i for i, _ in picked], device=hidden_states.device)
+        lq = torch.log_softmax(
+            runner.model.compute_logits(hidden_states.index_select(0, rows)).float(), -1
+        )
+        lp = torch.stack([stored.pop(g) for _, g in picked])
+        p = lp.exp()
+        kl = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+        values = _kl.setdefault(key, {})
+        for (_, g), value in zip(picked, kl.tolist(), strict=True):
+            values[g] = value
