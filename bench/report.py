@@ -22,6 +22,7 @@ SECTIONS = ("extraction", "generation", "overhead", "vllm", "sweep")
 # The README blocks this script owns: the summary under "Benchmarks" and the measured table
 # in "Steering inside vLLM"; each lies between its begin and end markers.
 BLOCKS = ("bench", "bench-vllm")
+FLOOR = "plugin absent, one process / another (noise floor)"
 
 
 def begin(block: str) -> str:
@@ -300,7 +301,9 @@ def _vllm(name: str, r: dict[str, Any], summary: list[str]) -> list[str]:
         f"{' / '.join(paired)}): steered / unsteered **{span('compiled steered 1 layer / compiled unsteered')}** "
         f"with one layer and **{span('compiled steered all layers / compiled unsteered')}** with all "
         f"30; plugin loaded (nothing steered) / plugin absent "
-        f"**{span('plugin loaded, unsteered / plugin absent')}**; compiled / eager with all 30 "
+        f"**{span('plugin loaded, unsteered / plugin absent')}**"
+        + (f" (two absent processes: {span(FLOOR)})" if FLOOR in paired[next(iter(paired))] else "")
+        + "; compiled / eager with all 30 "
         f"layers steered {span('compiled steered all layers / eager steered all layers')}; vLLM "
         f"decodes {min(vllm_hf):.1f}–{max(vllm_hf):.1f}× the tokens/s of the HF engine;",
     ]
@@ -311,6 +314,7 @@ def _vllm(name: str, r: dict[str, Any], summary: list[str]) -> list[str]:
 def vllm_table(r: dict[str, Any]) -> list[str]:
     """The README's measured vLLM table: tokens/s and paired ratios, as BENCHMARKS.md has them."""
     tps, paired = r["tokens_per_s"], r["paired"]
+    floor = FLOOR in next(iter(paired.values()))
     every = next(k.split(" | ")[1] for k in next(iter(tps.values())) if "all" in k)
     lines = [
         f"Measured by `bench/vllm_bench.py` ({r['date'][:10]}, default model, fp32, greedy, "
@@ -318,18 +322,20 @@ def vllm_table(r: dict[str, Any]) -> list[str]:
         "",
         "| batch | plugin absent, tok/s | compiled unsteered | compiled, 1 layer steered | "
         "compiled, all 30 steered | eager, all 30 steered | steered / unsteered (1 layer; "
-        "all 30) | plugin loaded / absent |",
-        "|---|---|---|---|---|---|---|---|",
+        "all 30) | plugin loaded / absent |"
+        + (" noise floor (absent / absent) |" if floor else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if floor else ""),
     ]
     for b, units in tps.items():
         q = paired[b]
+        extra = f" {q[FLOOR]:.3f} |" if floor else ""
         lines.append(
             f"| {b} | {units['no plugin | unsteered']:.1f} | {units['compiled | unsteered']:.1f} "
             f"| {units['compiled | steered, 1 layer']:.1f} | {units[f'compiled | {every}']:.1f} "
             f"| {units[f'eager | {every}']:.1f} "
             f"| {q['compiled steered 1 layer / compiled unsteered']:.3f}; "
             f"{q['compiled steered all layers / compiled unsteered']:.3f} "
-            f"| {q['plugin loaded, unsteered / plugin absent']:.3f} |"
+            f"| {q['plugin loaded, unsteered / plugin absent']:.3f} |{extra}"
         )
     return lines
 
