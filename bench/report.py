@@ -252,7 +252,7 @@ def _vllm(name: str, r: dict[str, Any], summary: list[str]) -> list[str]:
             "differ by a few percent here, so each side is two processes (`compiled` and "
             "`compiled b`, `no plugin` and `no plugin b`; their summed time per round) and "
             "the two absent processes' own ratio is the noise floor."
-            if any("noise floor" in k for k in next(iter(paired.values())))
+            if FLOOR in next(iter(paired.values()))
             else ""
         ),
         "",
@@ -302,7 +302,11 @@ def _vllm(name: str, r: dict[str, Any], summary: list[str]) -> list[str]:
         f"with one layer and **{span('compiled steered all layers / compiled unsteered')}** with all "
         f"30; plugin loaded (nothing steered) / plugin absent "
         f"**{span('plugin loaded, unsteered / plugin absent')}**"
-        + (f" (two absent processes: {span(FLOOR)})" if FLOOR in paired[next(iter(paired))] else "")
+        + (
+            f" (two absent processes: {span(FLOOR)})"
+            if FLOOR in next(iter(paired.values()))
+            else ""
+        )
         + "; compiled / eager with all 30 "
         f"layers steered {span('compiled steered all layers / eager steered all layers')}; vLLM "
         f"decodes {min(vllm_hf):.1f}–{max(vllm_hf):.1f}× the tokens/s of the HF engine;",

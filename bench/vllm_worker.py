@@ -42,24 +42,17 @@ def main() -> None:
     )
     prompts: list[list[int]] = options["prompts"]
     variants: dict[str, list[dict[str, Any]]] = options["variants"]
-    params = {
-        name: SamplingParams(
-            max_tokens=TOKENS,
+
+    def sampling(entries: list[dict[str, Any]], tokens: int) -> Any:
+        return SamplingParams(
+            max_tokens=tokens,
             temperature=0,
             ignore_eos=True,
             extra_args=steerlab.vllm.extra_args(entries) if entries else None,
         )
-        for name, entries in variants.items()
-    }
 
-    warm = {
-        name: SamplingParams(
-            max_tokens=2,
-            temperature=0,
-            extra_args=steerlab.vllm.extra_args(entries) if entries else None,
-        )
-        for name, entries in variants.items()
-    }
+    params = {name: sampling(entries, TOKENS) for name, entries in variants.items()}
+    warm = {name: sampling(entries, 2) for name, entries in variants.items()}
 
     def run(batch: int, variant: str) -> float:
         inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts[:batch]]
