@@ -6,8 +6,9 @@ layer's multiplier 0 included), the 32 shipped neutral prompts, 40 greedy tokens
 perplexity under the unsteered model for every cell. The vector is extracted once; each
 engine then scores every cell (``run_sweep`` with the vector already in its folder): the
 Hugging Face engine in padded batches of 192 rows sharing each prompt's prefill, vLLM (its
-default compiled mode) as one continuous batch with an unsteered twin per steered row for
-KL. The two sweeps run one after the other in this process; vLLM's start (and compile) is
+default compiled mode, 192 rows at once, as `steerlab sweep --engine vllm` starts it:
+32-token KV blocks and, on this small CPU machine, its one worker on both cores) with an
+unsteered twin per steered row for KL. The two sweeps run one after the other in this process; vLLM's start (and compile) is
 timed on its own. Writes ``bench/results/sweep-<date>.json``.
 """
 
@@ -63,7 +64,10 @@ def main() -> None:
         on_hf = run_sweep(lm, data, config, root / "hf", judge=judge)
         hf_s = time.perf_counter() - start
         start = time.perf_counter()
-        engine = VllmEngine("smollm2-135m", root / "vllm", max_model_len=512, max_num_seqs=64)
+        # as `steerlab sweep --engine vllm` starts it: --batch-rows rows at once
+        engine = VllmEngine(
+            "smollm2-135m", root / "vllm", max_model_len=512, max_num_seqs=config.batch_rows
+        )
         start_s = time.perf_counter() - start
         start = time.perf_counter()
         on_vllm = run_sweep(engine, data, config, root / "vllm", judge=judge)

@@ -21,6 +21,7 @@ from steerlab import Steering, load_model  # noqa: E402
 from steerlab.core.dataset import load_dataset  # noqa: E402
 from steerlab.core.files import sentiment_dataset_path  # noqa: E402
 from steerlab.core.prompts import prompt_ids  # noqa: E402
+from steerlab.core.sampling import Sampling  # noqa: E402
 from steerlab.evaluation.judges import sentiment  # noqa: E402
 from steerlab.evaluation.sweep import SweepConfig, run_sweep  # noqa: E402
 from steerlab.hf.methods import sweep_extractor  # noqa: E402
@@ -48,7 +49,10 @@ def both(tmp_path_factory):
     shutil.copy(root / "hf" / "vector.safetensors", root / "vllm" / "vector.safetensors")
     from steerlab.vllm.engine import VllmEngine
 
-    engine = VllmEngine("smollm2-135m", root / "vllm", max_model_len=512, max_num_seqs=32)
+    # 32-token blocks: rows and twins read their prompts' cached blocks (twins.py)
+    engine = VllmEngine(
+        "smollm2-135m", root / "vllm", max_model_len=512, max_num_seqs=32, block_size=32
+    )
     on_vllm = run_sweep(engine, data, config, root / "vllm", judge=judge)
     yield lm, engine, on_hf, on_vllm
     engine.close()
@@ -97,3 +101,50 @@ def test_on_the_cpu_the_kv_cache_is_a_fixed_size_unless_the_environment_says():
 
     assert cpu_kv_cache({}) == {"kv_cache_memory_bytes": CPU_KV_CACHE_GIB * 2**30}
     assert cpu_kv_cache({"VLLM_CPU_KVCACHE_SPACE": "2"}) == {}
+
+
+def test_twins_score_every_token_when_an_identical_twin_ran_before(both):
+    """Two identical steered rows make identical twins: the second finds the first's blocks
+    in the prefix cache, the block holding the prompt's last token included (32 tokens
+    generated after a prompt of about 35, 32-token blocks). Each twin still computes every
+    position it scores: KL and unsteered log-probabilities per token equal the Hugging Face
+    engine's for both rows, and equal each other."""
+    lm, engine, _, _ = both
+    vector = engine.vectors["vector"]
+    ids = prompt_ids(lm.tokenizer, PROMPTS[1])
+    steering = [[Steering(vector, 4.0, (9,))]] * 3
+    sampling = Sampling(max_new_tokens=32, stop_at_eos=False)
+    hf = lm.decode_batch([ids] * 3, steering, sampling, track_unsteered=True)
+    for first in range(2):  # a batch of three, then the same batch again (all cached)
+        vl = engine.decode_batch([ids] * 3, steering, sampling, track_unsteered=True)
+        assert vl.kl is not None and vl.unsteered_logprobs is not None
+        assert hf.kl is not None and hf.unsteered_logprobs is not None
+        assert vl.lengths == hf.lengths == [32] * 3, (first, vl.lengths)
+        assert bool((vl.tokens == hf.tokens).all())
+        assert float((vl.kl - hf.kl).abs().max()) <= 1e-3
+        assert float((vl.unsteered_logprobs - hf.unsteered_logprobs).abs().max()) <= 1e-3
+        assert float(vl.kl[:, :32].min()) > 0  # every position scored, none left at zero
+
+
+def test_on_a_small_cpu_machine_the_one_worker_gets_every_cpu():
+    """vLLM's CPU default keeps a core per worker for its scheduler: on 2 cores the worker
+    computed on one. steerlab's engine gives a lone worker every CPU of a small machine,
+    unless the environment sets the binding."""
+    from steerlab.vllm.engine import ENV_BIND, ENV_RESERVED, cpu_threads
+
+    assert cpu_threads({}, 1, [0, 1]) == {ENV_BIND: "0,1", ENV_RESERVED: "0"}
+    assert cpu_threads({}, 1, [3, 1, 2, 0]) == {ENV_BIND: "0,1,2,3", ENV_RESERVED: "0"}
+    assert cpu_threads({ENV_BIND: "0"}, 1, [0, 1]) == {}
+    assert cpu_threads({}, 2, [0, 1]) == {}  # tensor or pipeline parallel: vLLM's own
+    assert cpu_threads({}, 1, list(range(16))) == {}  # a large machine: vLLM's own
+    assert cpu_threads({}, 1, [0]) == {}
+
+
+def test_on_the_cpu_prompts_shorter_than_128_tokens_can_share_blocks():
+    """vLLM's CPU build defaults to 128-token blocks, so a chat prompt shorter than that is
+    never read from the prefix cache; steerlab's engine asks for 32 unless told."""
+    from steerlab.vllm.engine import CPU_BLOCK_SIZE, block_sizes
+
+    assert CPU_BLOCK_SIZE == 32
+    assert block_sizes(None) == {"block_size": 32}
+    assert block_sizes(64) == {"block_size": 64}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,11 @@ def engine_loader(
     vectors: Path | None = None,
     eager: bool = False,
     allow_mismatch: bool = False,
+    rows: int | None = None,
 ) -> Any:
-    """A function that starts the named engine (from the registry) when first called."""
+    """A function that starts the named engine (from the registry) when first called;
+    ``rows``: the rows an engine that schedules its own may run at once (a sweep's
+    ``--batch-rows``; None: the engine's default)."""
     from steerlab.engines import EngineOptions, engine_entry
 
     entry = engine_entry(name)
@@ -76,6 +80,8 @@ def engine_loader(
 
                     os.environ["STEERLAB_ALLOW_MODEL_MISMATCH"] = "1"
                 options = EngineOptions(model, device, dtype, vectors, eager)
+                if rows is not None:
+                    options = dataclasses.replace(options, max_num_seqs=rows)
                 with err.status(f"starting {name} with {model}"):
                     started.append(entry.load(options))
         return started[0]

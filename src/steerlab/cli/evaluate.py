@@ -79,7 +79,10 @@ def sweep(
     ),
     max_test_items: int = typer.Option(200, "--max-test-items", help="A/B items scored per cell."),
     batch_rows: int = typer.Option(
-        192, "--batch-rows", help="Most rows per padded batch of cells (memory, not results)."
+        192,
+        "--batch-rows",
+        help="Most rows per padded batch of cells, and rows vLLM runs at once (memory and "
+        "speed, not results).",
     ),
     out_dir: Path = typer.Option(
         Path("steerlab-out/sweep"), "--out", "-o", help="Output directory (resumable)."
@@ -94,8 +97,9 @@ def sweep(
 
     Rerun with the same --out and another --direction, --target or --perplexity-bound, a
     finished sweep only rewrites its recommendation and report (no model work). With
-    --engine vllm the vector is extracted on the Hugging Face engine, then every cell runs on
-    vLLM as one continuous batch (greedy completions; KL from an unsteered twin per row).
+    --engine vllm the vector is extracted on the Hugging Face engine, then the cells run on
+    vLLM in groups of up to --batch-rows rows, each one continuous batch (greedy
+    completions; KL from an unsteered twin per row).
     """
     from steerlab.core.dataset import load_dataset
     from steerlab.core.policy import Policy
@@ -153,7 +157,9 @@ def sweep(
     scoring = (
         hf
         if engine == "hf"
-        else engine_loader(engine, model, device, dtype, vectors=out_dir, eager=enforce_eager)
+        else engine_loader(
+            engine, model, device, dtype, vectors=out_dir, eager=enforce_eager, rows=batch_rows
+        )
     )
     scorer = (
         None

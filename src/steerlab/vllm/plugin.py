@@ -48,6 +48,8 @@ from steerlab.vllm.step import (
     request_steering,
     spans,
 )
+from steerlab.vllm.twins import Twin, twin_of
+from steerlab.vllm.twins import score as score_twins
 
 log = logging.getLogger("steerlab.vllm")
 ENV_PROJECTIONS = "STEERLAB_PROJECTIONS"
@@ -194,13 +196,14 @@ def _markers(tokenizer: Any, ids: list[int], steerings: list[Steering]) -> list[
 # ----- the engine core: preflight and the workers' registry ------------------------------------
 def _patch_workers() -> None:
     """Two methods every vLLM worker answers (``collective_rpc`` by name, which needs no
-    serialization of code): its registry's digest, and the KL its unsteered twins computed."""
+    serialization of code): its registry's digest, and what its unsteered twins computed (KL
+    and unsteered log-probabilities)."""
     from vllm.v1.worker.worker_base import WorkerBase
 
     def steerlab_registry_digest(self: Any) -> str:
         return registries.registry().digest
 
-    def steerlab_fetch_kl(self: Any, keys: list[str]) -> dict[str, list[float]]:
+    def steerlab_fetch_kl(self: Any, keys: list[str]) -> dict[str, tuple[list[float], list[float]]]:
         from steerlab.vllm.twins import fetch
 
         return fetch(self, keys)
@@ -292,22 +295,15 @@ def _patch_runner() -> None:
         self: Any, input_ids: Any = None, positions: Any = None, **kwargs: Any
     ) -> Any:
         step: Step | None = getattr(self, "_steerlab_step", None)
+        in_step: list[tuple[int, Any, Twin]] = []
         if step is not None and positions is not None:
-            _before_forward(self, step, positions)
-        return forward(self, input_ids=input_ids, positions=positions, **kwargs)
+            in_step = _before_forward(self, step, positions)
+        out = forward(self, input_ids=input_ids, positions=positions, **kwargs)
+        if in_step and isinstance(out, torch.Tensor):  # the last stage: unsteered twins' KL
+            score_twins(self, out, in_step)
+        return out
 
     GPUModelRunner._model_forward = model_forward  # type: ignore[method-assign]
-
-    prompt_logprobs = GPUModelRunner._get_prompt_logprobs_dict
-
-    def with_twins(self: Any, hidden_states: Any, scheduled: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.num_prompt_logprobs:  # an unsteered twin's KL, at its logits (twins.py)
-            from steerlab.vllm.twins import score_hook
-
-            score_hook(self, hidden_states, scheduled)
-        return prompt_logprobs(self, hidden_states, scheduled, *args, **kwargs)
-
-    GPUModelRunner._get_prompt_logprobs_dict = with_twins  # type: ignore[method-assign]
 
 
 def _patch_load(cls: Any) -> None:
@@ -357,14 +353,18 @@ def _install(runner: Any, registry: registries.Registry) -> Step:
     return Step(buffers, registry.names)
 
 
-def _before_forward(runner: Any, step: Step, positions: torch.Tensor) -> None:
+def _before_forward(
+    runner: Any, step: Step, positions: torch.Tensor
+) -> list[tuple[int, Any, Twin]]:
+    """Write the step's coefficients; the step's unsteered twins (batch index, state, twin)."""
     batch = runner.input_batch
     count = batch.num_reqs
     req_ids = list(batch.req_ids[:count])
     registry = registries.registry()
     rows: list[RequestSteering | None] = []
     lengths: list[int] = []
-    for req_id in req_ids:
+    in_step: list[tuple[int, Any, Twin]] = []
+    for index, req_id in enumerate(req_ids):
         state = runner.requests[req_id]
         if not hasattr(state, "_steerlab"):
             # Admitted by the engine core's preflight with the same registry and rules.
@@ -374,8 +374,12 @@ def _before_forward(runner: Any, step: Step, positions: torch.Tensor) -> None:
                 rules(runner.model_config),
                 registry.digest,
             )
+            state._steerlab_twin = twin_of(state.sampling_params)
         rows.append(state._steerlab)
         prompt = int(state.num_prompt_tokens)
         lengths.append(prompt if state._steerlab is None else state._steerlab.length(prompt))
+        if state._steerlab_twin is not None:
+            in_step.append((index, state, state._steerlab_twin))
     starts = [int(x) for x in runner.query_start_loc.cpu[: count + 1].tolist()]
     step.before_forward(req_ids, rows, lengths, starts, positions)
+    return in_step

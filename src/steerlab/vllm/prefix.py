@@ -12,6 +12,7 @@ from steerlab.core.errors import SteerlabError
 from steerlab.core.requests import KEY, Rules
 from steerlab.vllm import registry as registries
 from steerlab.vllm.step import request_steering, spans
+from steerlab.vllm.twins import block_key
 
 
 def steered_keys(extra_keys: Callable[..., Any]) -> Callable[..., Any]:
@@ -22,6 +23,9 @@ def steered_keys(extra_keys: Callable[..., Any]) -> Callable[..., Any]:
         touching = _touching(request, start, end)
         if touching:
             found = (*(found or ()), ("steerlab", touching))
+        twin = block_key(getattr(request, "sampling_params", None), start, end)
+        if twin is not None:  # an unsteered twin computes the positions it scores
+            found = (*(found or ()), twin)
         return found, mm_idx
 
     return keys

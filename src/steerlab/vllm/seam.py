@@ -6,6 +6,7 @@ of :class:`steerlab.vllm.engine.VllmEngine`, whose loop, engine and registry it 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -63,11 +64,13 @@ class Seam:
         entries: list[dict[str, Any]],
         sampling: Sampling,
         seed: int | None,
+        key: str,
     ) -> tuple[list[int], list[float], str | None]:
-        """A row with the unsteered log-probability of each of its tokens and the key under
-        which the workers hold its per-step KL(steered || unsteered) (None: an unsteered row,
-        KL 0): its unsteered twin scores the row's tokens in one prefill while the worker
-        compares whole distributions (:mod:`steerlab.vllm.twins`)."""
+        """A row and ``key``, under which the workers hold its per-step KL(steered ||
+        unsteered) and the unsteered log-probability of each of its tokens (None instead: an
+        unsteered row, KL 0, with its own log-probabilities): its unsteered twin scores the
+        row's tokens in one prefill while the worker compares whole distributions
+        (:mod:`steerlab.vllm.twins`)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -80,41 +83,42 @@ class Seam:
                 seed=seed,
                 ignore_eos=not sampling.stop_at_eos,
                 logprobs=0,
+                detokenize=False,
                 output_kind=RequestOutputKind.DELTA,
             )
             tokens, logprobs, _ = await self._generate(ids, plain)
             return tokens, logprobs, None
-        key = uuid.uuid4().hex
         extra: dict[str, Any] = {twins.KEY: {"key": key, "role": "row"}, **extra_args(entries)}
         row = SamplingParams(
             max_tokens=sampling.max_new_tokens,
             temperature=0.0,
             seed=seed,
             ignore_eos=not sampling.stop_at_eos,
+            detokenize=False,
             output_kind=RequestOutputKind.DELTA,
             extra_args=extra,
         )
         tokens, _, _ = await self._generate(ids, row)
-        twin = SamplingParams(
-            max_tokens=1,
-            temperature=0.0,
-            prompt_logprobs=0,
-            extra_args={twins.KEY: {"key": key, "role": "twin", "prompt": len(ids)}},
-        )
-        _, _, out = await self._generate(list(ids) + tokens, twin)
-        rows = out.prompt_logprobs[len(ids) :]
-        unsteered = [float(r[t].logprob) for r, t in zip(rows, tokens, strict=True)]
-        return tokens, unsteered, key
+        if tokens:
+            twin = SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                detokenize=False,
+                extra_args={twins.KEY: {"key": key, "role": "twin", "prompt": len(ids)}},
+            )
+            await self._generate(list(ids) + tokens, twin)
+        return tokens, [], key
 
-    def _fetch_kl(self, keys: list[str]) -> dict[str, list[float]]:
-        """The KL each twin computed in the workers, by row key (one call for a batch)."""
+    def _fetch_twins(self, keys: list[str]) -> dict[str, tuple[list[float], list[float]]]:
+        """What each twin computed in the workers, by row key: per generated token the KL and
+        the unsteered log-probability (one call for a batch; forgotten there once read)."""
         if not keys:
             return {}
         call = self.engine.collective_rpc("steerlab_fetch_kl", args=(keys,))
         fetched = asyncio.run_coroutine_threadsafe(call, self._loop).result()
-        out: dict[str, list[float]] = {}
+        out: dict[str, tuple[list[float], list[float]]] = {}
         for worker in fetched:  # the workers that hold the last stage answer; others are empty
-            out.update({k: v for k, v in worker.items() if v})
+            out.update({k: (kl, lp) for k, (kl, lp) in worker.items() if kl})
         return out
 
     def decode_batch(
@@ -150,15 +154,19 @@ class Seam:
             return None if sampling.seed is None else sampling.seed + r
 
         futures = []
+        keys = []  # steered tracked rows' keys in the workers (twins.py)
         for r, (ids, row) in enumerate(zip(prompts, steering, strict=True)):
             entries = self.entries(row)
             if track_unsteered:
-                coro: Any = self._tracked(ids, entries, sampling, seed_of(r))
+                keys.append(uuid.uuid4().hex)
+                coro: Any = self._tracked(ids, entries, sampling, seed_of(r), keys[-1])
             else:
                 coro = self._plain(ids, entries, sampling, seed_of(r))
             futures.append(asyncio.run_coroutine_threadsafe(coro, self._loop))
-        results = [f.result() for f in futures]
-        kls = self._fetch_kl([r[2] for r in results if isinstance(r[2], str)])
+        concurrent.futures.wait(futures)
+        # every key leaves the workers, a failed row's stored distributions too
+        scored = self._fetch_twins(keys)
+        results = [f.result() for f in futures]  # the first failed row's error, if any
         generated = [r[0] for r in results]
         lengths = [len(g) for g in generated]
         eos = self._tokenizer.eos_token_id
@@ -170,15 +178,17 @@ class Seam:
         for r, g in enumerate(generated):
             tokens[r, : len(g)] = torch.tensor(g, dtype=torch.long)
             if kl is not None and unsteered is not None:
-                unsteered[r, : len(g)] = torch.tensor(results[r][1])
                 key = results[r][2]
-                if isinstance(key, str):  # a steered row: its twin's KL
-                    values = kls.get(key, [])
-                    if len(values) != len(g):
-                        raise SteerlabError(
-                            f"the unsteered twin gave {len(values)} KL values for {len(g)} tokens"
-                        )
-                    kl[r, : len(g)] = torch.tensor(values)
+                if not isinstance(key, str):  # an unsteered row: KL 0, its own log-probabilities
+                    unsteered[r, : len(g)] = torch.tensor(results[r][1])
+                    continue
+                values, logprobs = scored.get(key, ([], []))
+                if len(values) != len(g):
+                    raise SteerlabError(
+                        f"the unsteered twin gave {len(values)} KL values for {len(g)} tokens"
+                    )
+                kl[r, : len(g)] = torch.tensor(values)
+                unsteered[r, : len(g)] = torch.tensor(logprobs)
         if on_step is not None:
             done = torch.zeros(len(generated), dtype=torch.bool)
             for step in range(width):
