@@ -55,9 +55,8 @@ CPU_BLOCK_SIZE = 32
 
 def block_sizes(asked: int | None) -> dict[str, int]:
     """The KV block size to give vLLM: the one asked for, else ``CPU_BLOCK_SIZE`` on its CPU
-    build (whose own 128 shares no prompt shorter than 128 tokens: a sweep's 192 rows of
-    about 37 prompt tokens decoded in 39.7 s with 32 against 57.6 s with 128, measured here
-    on 2026-12-07), else vLLM's default."""
+    build (whose own 128 shares no prompt shorter than 128 tokens, so a sweep's rows and
+    twins would each prefill their whole chat prompt), else vLLM's default."""
     from vllm.platforms import current_platform
 
     if asked is not None:
@@ -77,9 +76,9 @@ def cpu_threads(environ: Mapping[str, str], workers: int, cpus: Sequence[int]) -
     Its default keeps one core per worker for the engine's scheduler and binds the worker's
     threads to the rest: on a 2-core machine the one worker computes on one core, beside a
     thread of its own. With one worker and at most ``SMALL_MACHINE_CPUS`` CPUs, the worker
-    gets every CPU this process may use (the scheduler mostly waits on it): a 192-row decode
-    here ran 6.4 times faster (docs/design.md, "The vLLM engine"). Other platforms,
-    parallel engines and larger machines keep vLLM's default.
+    gets every CPU this process may use (the scheduler mostly waits on it; docs/design.md,
+    "The vLLM engine"). Other platforms, parallel engines and larger machines keep vLLM's
+    default.
     """
     from vllm.platforms import current_platform
 
