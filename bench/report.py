@@ -46,6 +46,7 @@ def latest(section: str, results: Path = RESULTS) -> tuple[str, dict[str, Any]] 
 
 def _provenance(name: str, r: dict[str, Any]) -> str:
     m, load = r["machine"], r["machine_load"]
+    cpu = f": {m['cpu']}" if "cpu" in m else ""  # recorded since 2026-12-07
     versions = ", ".join(
         f"{k} {m[k]}" for k in ("torch", "transformers", "vllm", "steering_vectors", "repeng")
         if k in m
@@ -57,7 +58,7 @@ def _provenance(name: str, r: dict[str, Any]) -> str:
     )
     return (
         f"Result file `bench/results/{name}`, {r['date']}; {m['platform']} ({m['processor']}, "
-        f"{m['cpus']} CPUs), {m['threads']} threads; {versions}, steerlab {m['steerlab']}. "
+        f"{m['cpus']} CPUs{cpu}), {m['threads']} threads; {versions}, steerlab {m['steerlab']}. "
         f"Run {alone}: other processes used {100 * load['other_processes_cpu_share']:.1f}% of "
         f"the CPU during its {load['seconds']:.0f} s (peak load average "
         f"{load['peak_load_average']:.2f})."
@@ -356,8 +357,9 @@ def _sweep(name: str, r: dict[str, Any], summary: list[str]) -> list[str]:
         "the VADER judge, KL and perplexity under the unsteered model for every cell. The "
         "vector was extracted once; each engine then scored every cell, one after the other "
         "in one process: Hugging Face in padded batches of 192 rows sharing each prompt's "
-        "prefill, vLLM (compiled) as one continuous batch with an unsteered twin per steered "
-        "row for KL.",
+        "prefill, vLLM (compiled) in the same groups, each one continuous batch with all its "
+        "rows at once (as `steerlab sweep --engine vllm` starts it) and an unsteered twin per "
+        "steered row for KL.",
         "",
         "| engine | seconds scoring the cells | HF / this |",
         "|---|---|---|",
