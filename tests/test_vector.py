@@ -255,3 +255,44 @@ def test_corrupt_files_are_one_line_errors(llama, tmp_path):
         with pytest.raises(SteerlabError, match=message) as info:
             load_vector(bad)
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scale", ["absolute", "relative"])
+def test_overflow_check_equals_every_entry_checked(dtype, scale):
+    """A steering overflows a dtype exactly where some entry of its added tensor does: the
+    one-operation check (each layer's largest entry) against every entry of every layer, at
+    the boundaries where rounding decides (float16's 65504 and 65520, the largest float32
+    and bfloat16 values)."""
+    from steerlab import Steering
+
+    identity = ModelIdentity("m", "llama", 4, 6)
+    top = float(torch.finfo(dtype).max)
+    gen = torch.Generator().manual_seed(0)
+    directions = {}
+    for layer, peak in enumerate((0.9, 0.9999, 0.99999997, 1.0, 1.0000001, 1.01)):
+        d = torch.rand(4, generator=gen) - 0.5
+        d[layer % 4] = -peak  # the largest entry, negative on purpose
+        directions[layer] = d
+    vector = SteeringVector(directions, identity, residual_norms={k: 3.0 for k in range(6)})
+    outcomes = set()
+    for multiplier in (1.0, 65519.0, 65520.0, top * 0.5, top, -top):
+        expected: dict[torch.dtype, int | None] = {}
+        for target in {dtype, torch.float32}:  # the reference: every entry, as it is added
+            expected[target] = None
+            for layer in range(6):
+                d = directions[layer]
+                factor = multiplier if scale == "absolute" else multiplier * 3.0 / float(d.norm())
+                if not bool(torch.isfinite((d * factor).to(target)).all()):
+                    expected[target] = layer
+                    break
+        if expected[torch.float32] is not None:  # refused when made
+            with pytest.raises(
+                SteerlabError, match=f"overflows float32 at layer {expected[torch.float32]}"
+            ):
+                Steering(vector, multiplier, scale=scale)
+            outcomes.add("refused")
+            continue
+        assert Steering(vector, multiplier, scale=scale).overflowing_layer(dtype) == expected[dtype]
+        outcomes.add(expected[dtype] is None)
+    assert outcomes >= {True, False} or outcomes >= {True, "refused"}

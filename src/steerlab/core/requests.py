@@ -227,15 +227,14 @@ def parse_entry(
             f"{rules.num_layers - 1})",
             f"{where}.layers",
         )
-    if rules.dtype is not None:
-        for layer in steering.steered_layers if steering.operator == "add" else ():
-            if not bool(torch.isfinite(steering.delta(layer).to(rules.dtype)).all()):
-                raise EntryError(
-                    f"{where}: multiplier {multiplier:g} times vector {name!r} overflows the "
-                    f"model's {str(rules.dtype).removeprefix('torch.')} at layer {layer}: use a "
-                    "smaller multiplier",
-                    f"{where}.multiplier",
-                )
+    layer = None if rules.dtype is None else steering.overflowing_layer(rules.dtype)
+    if layer is not None:
+        raise EntryError(
+            f"{where}: multiplier {multiplier:g} times vector {name!r} overflows the "
+            f"model's {str(rules.dtype).removeprefix('torch.')} at layer {layer}: use a "
+            "smaller multiplier",
+            f"{where}.multiplier",
+        )
     return steering
 
 

@@ -100,12 +100,12 @@ class Steering:
                     f"--scale relative needs the residual norm of layer {absent[0]}, which the "
                     "vector does not record: use --scale absolute"
                 )
-        for layer in layers if self.operator == "add" else ():
-            if not bool(torch.isfinite(self.delta(layer)).all()):
-                raise SteerlabError(
-                    f"multiplier {self.multiplier:g} times the vector overflows float32 at "
-                    f"layer {layer}: use a smaller multiplier"
-                )
+        layer = self.overflowing_layer(torch.float32)
+        if layer is not None:
+            raise SteerlabError(
+                f"multiplier {self.multiplier:g} times the vector overflows float32 at "
+                f"layer {layer}: use a smaller multiplier"
+            )
 
     def _check_operator(self, layers: tuple[int, ...]) -> None:
         if self.operator not in OPERATORS:
@@ -196,6 +196,24 @@ class Steering:
         if norm == 0.0:
             return 0.0
         return self.multiplier * self.vector.residual_norms[layer] / norm
+
+    def overflowing_layer(self, dtype: torch.dtype) -> int | None:
+        """The first steered layer whose :meth:`delta` has an entry that is not finite in
+        ``dtype`` (None: none; ablate and clamp add no multiple). One tensor operation for
+        all layers, from each direction's largest entry (:meth:`SteeringVector.peaks`): a
+        front door runs it on every request."""
+        if self.operator != "add" or not self.layers:
+            return None
+        layers = self.steered_layers
+        peaks = self.vector.peaks(layers)
+        if self.scale == "absolute":
+            largest = peaks * self.multiplier  # rounds as ``direction * multiplier`` does
+        else:
+            largest = peaks * torch.tensor([self.factor(x) for x in layers], dtype=torch.float32)
+        finite = torch.isfinite(largest.to(dtype))
+        if bool(finite.all()):
+            return None
+        return layers[int(torch.nonzero(~finite)[0, 0])]
 
     def delta(self, layer: int) -> torch.Tensor:
         """The float32 tensor added at ``layer`` (``[d]`` or ``[k, d]``)."""

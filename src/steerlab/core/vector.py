@@ -7,9 +7,10 @@ the files that carry it are :mod:`steerlab.formats`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -172,6 +173,17 @@ class SteeringVector:
         if norm == 0.0:
             raise SteerlabError(f"the vector is zero at layer {layer}: it has no direction")
         return direction / norm
+
+    def peaks(self, layers: Sequence[int]) -> torch.Tensor:
+        """The largest ``|entry|`` of the direction at each of ``layers`` (float32,
+        ``[len(layers)]``): a multiple of the direction overflows a dtype exactly when this
+        entry's multiple does, since the directions are finite and rounding is monotonic."""
+        return torch.tensor([self._peaks[layer] for layer in layers], dtype=torch.float32)
+
+    @cached_property
+    def _peaks(self) -> dict[int, float]:
+        # computed once per vector: steerings check overflow on every request they serve
+        return {layer: float(d.abs().max()) for layer, d in self.directions.items()}
 
     @property
     def positionwise(self) -> bool:
