@@ -22,7 +22,17 @@ SECTIONS = ("extraction", "generation", "overhead", "vllm", "sweep")
 # The README blocks this script owns: the summary under "Benchmarks" and the measured table
 # in "Steering inside vLLM"; each lies between its begin and end markers.
 BLOCKS = ("bench", "bench-vllm")
-FLOOR = "plugin absent, one process / another (noise floor)"
+# The noise floor of plugin loaded / absent: absent processes against other absent ones
+FLOORS = (
+    "plugin absent, two processes / two others (noise floor)",
+    "plugin absent, one process / another (noise floor)",  # results before 2026-12-07 11:00
+)
+
+
+def floor_key(paired: dict[str, dict[str, float]]) -> str | None:
+    """The noise-floor ratio's key in a vLLM result, if it has one."""
+    keys = next(iter(paired.values()))
+    return next((k for k in FLOORS if k in keys), None)
 
 
 def begin(block: str) -> str:
@@ -248,14 +258,19 @@ def _vllm(name: str, r: dict[str, Any], summary: list[str]) -> list[str]:
         f"{r['rounds']} rounds whose order rotates. tokens/s from each unit's median round; "
         "*paired* ratios are the median over rounds of the ratio within a round. The HF "
         f"engine ran the same prompts ({r['hf_rounds']} rounds, median)."
-        + (
-            " Plugin loaded / absent compares processes, and two processes of one engine "
-            "differ by a few percent here, so each side is two processes (`compiled` and "
-            "`compiled b`, `no plugin` and `no plugin b`; their summed time per round) and "
-            "the two absent processes' own ratio is the noise floor."
-            if FLOOR in next(iter(paired.values()))
-            else ""
-        ),
+        + {
+            FLOORS[0]: " Plugin loaded / absent compares processes, and two processes of one "
+            "engine differ by a few percent here, so each side is four processes (`compiled` "
+            "to `compiled d`, `no plugin` to `no plugin d`; their summed time per round): the "
+            "`c` and `d` processes ran in a second phase of as many rounds, after the first "
+            "phase's engines stopped. Two absent processes against the other two is the noise "
+            "floor.",
+            FLOORS[1]: " Plugin loaded / absent compares processes, and two processes of one "
+            "engine differ by a few percent here, so each side is two processes (`compiled` "
+            "and `compiled b`, `no plugin` and `no plugin b`; their summed time per round) and "
+            "the two absent processes' own ratio is the noise floor.",
+            None: "",
+        }[floor_key(paired)],
         "",
         "| batch | engine | run | tokens/s | steerlab HF engine tokens/s | vLLM / HF |",
         "|---|---|---|---|---|---|",
@@ -281,7 +296,7 @@ def _vllm(name: str, r: dict[str, Any], summary: list[str]) -> list[str]:
     shares = r["plugin_host_share"]
     lines += [
         "",
-        "steerlab's per-step host code (building each step's coefficients) took "
+        "steerlab's per-step host code (each step's requests and coefficients) took "
         + ", ".join(
             f"{100 * v:.2f}% ({run}, batch {b})"
             for b, runs in shares.items()
@@ -297,17 +312,14 @@ def _vllm(name: str, r: dict[str, Any], summary: list[str]) -> list[str]:
         return " / ".join(f"{v:.3f}" for v in values)
 
     vllm_hf = [tps[b][f"compiled | {run}"] / hf[b][run] for b in tps for run in hf[b]]
+    floor = floor_key(paired)
     summary += [
         f"- vLLM in its default compiled mode ({r['date'][:10]}, paired medians at batch "
         f"{' / '.join(paired)}): steered / unsteered **{span('compiled steered 1 layer / compiled unsteered')}** "
         f"with one layer and **{span('compiled steered all layers / compiled unsteered')}** with all "
         f"30; plugin loaded (nothing steered) / plugin absent "
         f"**{span('plugin loaded, unsteered / plugin absent')}**"
-        + (
-            f" (two absent processes: {span(FLOOR)})"
-            if FLOOR in next(iter(paired.values()))
-            else ""
-        )
+        + (f" (noise floor, absent / absent: {span(floor)})" if floor else "")
         + "; compiled / eager with all 30 "
         f"layers steered {span('compiled steered all layers / eager steered all layers')}; vLLM "
         f"decodes {min(vllm_hf):.1f}–{max(vllm_hf):.1f}× the tokens/s of the HF engine;",
@@ -319,7 +331,7 @@ def _vllm(name: str, r: dict[str, Any], summary: list[str]) -> list[str]:
 def vllm_table(r: dict[str, Any]) -> list[str]:
     """The README's measured vLLM table: tokens/s and paired ratios, as BENCHMARKS.md has them."""
     tps, paired = r["tokens_per_s"], r["paired"]
-    floor = FLOOR in next(iter(paired.values()))
+    floor = floor_key(paired)
     every = next(k.split(" | ")[1] for k in next(iter(tps.values())) if "all" in k)
     lines = [
         f"Measured by `bench/vllm_bench.py` ({r['date'][:10]}, default model, fp32, greedy, "
@@ -333,7 +345,7 @@ def vllm_table(r: dict[str, Any]) -> list[str]:
     ]
     for b, units in tps.items():
         q = paired[b]
-        extra = f" {q[FLOOR]:.3f} |" if floor else ""
+        extra = f" {q[floor]:.3f} |" if floor else ""
         lines.append(
             f"| {b} | {units['no plugin | unsteered']:.1f} | {units['compiled | unsteered']:.1f} "
             f"| {units['compiled | steered, 1 layer']:.1f} | {units[f'compiled | {every}']:.1f} "

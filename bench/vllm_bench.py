@@ -15,10 +15,13 @@ back in the CPU's cache after another engine's turn, as they are for an engine t
 alone (without it, a unit that follows another process pays for the cache and one that
 follows its own does not, which the rotation cannot pair away). Ratios within one process
 (steered / unsteered) need nothing more; plugin loaded / absent compares processes, and two
-processes of one engine differ by a few percent on this machine, so each side is two
-processes (their summed time per round) and the two absent processes' own ratio is reported
-beside it as the noise floor. The HF engine runs the same prompts in this process between
-rounds. Writes ``bench/results/vllm-<date>.json``.
+processes of one engine differ by a few percent on this machine (where each process's
+pages land in the caches), so each side is four processes (their summed time per round): the
+two started with the others, and two more pairs in a second phase, after the first phase's
+engines have stopped (nine at once would not fit in memory). Half the absent processes
+against the other half is reported beside it as the noise floor. The HF engine runs the same
+prompts in this process between the first phase's rounds. Writes
+``bench/results/vllm-<date>.json``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,15 @@ UNITS = [
     ("no plugin b", "unsteered"),
     ("eager", "steered, all 30 layers"),
 ]
+# The second phase: two more processes with the plugin and two without, unsteered
+SECOND = [
+    ("compiled c", "unsteered"),
+    ("no plugin c", "unsteered"),
+    ("compiled d", "unsteered"),
+    ("no plugin d", "unsteered"),
+]
+LOADED = ("compiled", "compiled b", "compiled c", "compiled d")
+ABSENT = ("no plugin", "no plugin b", "no plugin c", "no plugin d")
 
 
 class Worker:
@@ -120,24 +132,21 @@ def main() -> None:
     }
     base = {"prompts": ids, "batches": list(BATCHES)}
     env = {**os.environ, "STEERLAB_VECTORS": str(folder), "BENCH_VLLM_TOKENS": str(TOKENS)}
+    unsteered = {**base, "variants": {"unsteered": []}, "eager": False}
+
+    def plain(name: str) -> Worker:
+        """A compiled engine that times unsteered requests, with the plugin or without."""
+        absent = name.startswith("no plugin")
+        return Worker(name, unsteered, {**env, "VLLM_PLUGINS": ""} if absent else env)
+
     with Quiet("vllm") as quiet:
         workers = {
             "compiled": Worker("compiled", {**base, "variants": variants, "eager": False}, env),
-            "compiled b": Worker(
-                "compiled b", {**base, "variants": {"unsteered": []}, "eager": False}, env
-            ),
-            **{
-                name: Worker(
-                    name,
-                    {**base, "variants": {"unsteered": []}, "eager": False},
-                    {**env, "VLLM_PLUGINS": ""},
-                )
-                for name in ("no plugin", "no plugin b")
-            },
+            **{name: plain(name) for name in ("compiled b", "no plugin", "no plugin b")},
             "eager": Worker("eager", {**base, "variants": variants, "eager": True}, env),
         }
         times: dict[str, dict[str, list[float]]] = {
-            str(b): {f"{e} | {v}": [] for e, v in UNITS} for b in BATCHES
+            str(b): {f"{e} | {v}": [] for e, v in UNITS + SECOND} for b in BATCHES
         }
         hf_times: dict[str, dict[str, list[float]]] = {
             str(b): {v: [] for v in variants} for b in BATCHES
@@ -162,11 +171,19 @@ def main() -> None:
                         hf_times[str(batch)][name].append(time.perf_counter() - start)
             print(f"round {r + 1}/{ROUNDS} done", flush=True)
         shares = {
-            str(b): {
-                v: workers["compiled"].ask({"batch": b, "share": v}) for v in list(variants)[1:]
-            }
+            str(b): {v: workers["compiled"].ask({"batch": b, "share": v}) for v in variants}
             for b in BATCHES
         }
+        for worker in workers.values():
+            worker.close()
+        workers = {name: plain(name) for name, _ in SECOND}
+        for r in range(ROUNDS):
+            for batch in BATCHES:
+                order = SECOND[r % len(SECOND) :] + SECOND[: r % len(SECOND)]
+                for engine, variant in order:
+                    seconds = workers[engine].ask({"batch": batch, "variant": variant})
+                    times[str(batch)][f"{engine} | {variant}"].append(seconds)
+            print(f"second phase: round {r + 1}/{ROUNDS} done", flush=True)
         for worker in workers.values():
             worker.close()
 
@@ -175,10 +192,10 @@ def main() -> None:
         rows = times[batch]
         return statistics.median(y / x for x, y in zip(rows[a], rows[b], strict=True))
 
-    def pooled(batch: str, a: tuple[str, str], b: tuple[str, str]) -> float:
-        """As :func:`paired`, each side the summed time of its two processes in the round."""
+    def pooled(batch: str, a: tuple[str, ...], b: tuple[str, ...]) -> float:
+        """As :func:`paired`, each side the summed time of its processes' units in the round."""
         rows = times[batch]
-        sides = [[x + y for x, y in zip(rows[p], rows[q], strict=True)] for p, q in (a, b)]
+        sides = [[sum(ts) for ts in zip(*(rows[u] for u in side), strict=True)] for side in (a, b)]
         return statistics.median(y / x for x, y in zip(*sides, strict=True))
 
     result: dict[str, Any] = {"tokens": TOKENS, "rounds": ROUNDS, "hf_rounds": HF_ROUNDS,
@@ -195,11 +212,13 @@ def main() -> None:
             ),
             "plugin loaded, unsteered / plugin absent": pooled(
                 b,
-                ("compiled | unsteered", "compiled b | unsteered"),
-                ("no plugin | unsteered", "no plugin b | unsteered"),
+                tuple(f"{e} | unsteered" for e in LOADED),
+                tuple(f"{e} | unsteered" for e in ABSENT),
             ),
-            "plugin absent, one process / another (noise floor)": paired(
-                b, "no plugin b | unsteered", "no plugin | unsteered"
+            "plugin absent, two processes / two others (noise floor)": pooled(
+                b,
+                ("no plugin b | unsteered", "no plugin d | unsteered"),
+                ("no plugin | unsteered", "no plugin c | unsteered"),
             ),
             "compiled steered all layers / eager steered all layers": paired(
                 b, f"compiled | {every_name}", f"eager | {every_name}"

@@ -5,7 +5,7 @@ environment choosing the plugin (``STEERLAB_VECTORS``, or ``VLLM_PLUGINS=""`` fo
 It loads the engine, warms every batch size and variant up, prints ``READY``, then answers
 each line ``{"batch": B, "variant": NAME}`` with the seconds one ``generate`` took (and
 ``{"share": ...}`` requests with the share of that time spent in steerlab's per-step host
-code). The engine is in-process and idle between commands, so an idle worker costs nothing
+code before each forward). The engine is in-process and idle between commands, so an idle worker costs nothing
 while another runs.
 """
 
@@ -78,24 +78,25 @@ def main() -> None:
 
 
 def _share(run: Any, batch: int, variant: str) -> float:
-    """The share of one generate call spent in steerlab's host code before each forward."""
-    from steerlab.vllm import step
+    """The share of one generate call spent in steerlab's host code before each forward
+    (each step's requests, then its coefficients)."""
+    from steerlab.vllm import plugin
 
     spent = [0.0]
-    original = step.Step.before_forward
+    original = plugin._before_forward
 
-    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def timed(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
-            return original(self, *args, **kwargs)
+            return original(*args, **kwargs)
         finally:
             spent[0] += time.perf_counter() - start
 
-    step.Step.before_forward = timed  # type: ignore[method-assign]
+    plugin._before_forward = timed
     try:
         total = run(batch, variant)
     finally:
-        step.Step.before_forward = original  # type: ignore[method-assign]
+        plugin._before_forward = original
     return spent[0] / total
 
 
