@@ -195,3 +195,21 @@ def test_projection_rounds_are_refused_by_name_where_an_engine_has_none():
     assert len(parse_steerings(ablate, vectors, Rules(num_layers=4, max_projections=1))) == 1
     with pytest.raises(EntryError, match=r"at most 1 per layer"):
         parse_steerings(ablate * 2, vectors, Rules(num_layers=4, max_projections=1))
+
+
+@pytest.mark.parametrize(("rows", "expected"), [(50, 50), (1024, 1024), (10**9, 1024)])
+def test_a_sweeps_batch_rows_reach_vllm_bounded(monkeypatch, rows, expected):
+    """--batch-rows becomes the rows vLLM runs at once, never more than it can size buffers
+    for (a huge value would have vLLM allocate per-request buffers for every one at start)."""
+    import dataclasses
+
+    import steerlab.engines as engines
+    from steerlab.cli.common import engine_loader
+
+    seen = []
+    entry = dataclasses.replace(engines.ENGINES["vllm"], load=lambda options: seen.append(options))
+    monkeypatch.setitem(engines.ENGINES, "vllm", entry)
+    engine_loader("vllm", "smollm2-135m", None, None, rows=rows)()
+    assert [o.max_num_seqs for o in seen] == [expected]
+    engine_loader("vllm", "smollm2-135m", None, None)()
+    assert seen[-1].max_num_seqs == engines.EngineOptions("m").max_num_seqs  # the default

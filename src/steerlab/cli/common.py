@@ -51,6 +51,12 @@ def load(model: str, device: str | None, dtype: str | None, layers_path: str | N
         return load_model(model, device=device, dtype=dtype, layers_path=layers_path)
 
 
+# The most rows an engine that schedules its own (vLLM) runs at once: it sizes per-request
+# buffers by this number when it starts; more rows than this wait their turn, which changes
+# no result (a sweep's --batch-rows is memory and speed, not numbers).
+MAX_ROWS_AT_ONCE = 1024
+
+
 def engine_loader(
     name: str,
     model: str,
@@ -64,7 +70,7 @@ def engine_loader(
 ) -> Any:
     """A function that starts the named engine (from the registry) when first called;
     ``rows``: the rows an engine that schedules its own may run at once (a sweep's
-    ``--batch-rows``; None: the engine's default)."""
+    ``--batch-rows``, at most :data:`MAX_ROWS_AT_ONCE`; None: the engine's default)."""
     from steerlab.engines import EngineOptions, engine_entry
 
     entry = engine_entry(name)
@@ -81,7 +87,7 @@ def engine_loader(
                     os.environ["STEERLAB_ALLOW_MODEL_MISMATCH"] = "1"
                 options = EngineOptions(model, device, dtype, vectors, eager)
                 if rows is not None:
-                    options = dataclasses.replace(options, max_num_seqs=rows)
+                    options = dataclasses.replace(options, max_num_seqs=min(rows, MAX_ROWS_AT_ONCE))
                 with err.status(f"starting {name} with {model}"):
                     started.append(entry.load(options))
         return started[0]
