@@ -263,8 +263,9 @@ def _vllm(name: str, r: dict[str, Any], summary: list[str]) -> list[str]:
             "engine differ by a few percent here, so each side is four processes (`compiled` "
             "to `compiled d`, `no plugin` to `no plugin d`; their summed time per round): the "
             "`c` and `d` processes ran in a second phase of as many rounds, after the first "
-            "phase's engines stopped. Two absent processes against the other two is the noise "
-            "floor.",
+            "phase's engines stopped; each phase first started an engine it never timed (the "
+            "first process started ran a few percent slower than later ones here). Two absent "
+            "processes against the other two is the noise floor.",
             FLOORS[1]: " Plugin loaded / absent compares processes, and two processes of one "
             "engine differ by a few percent here, so each side is two processes (`compiled` "
             "and `compiled b`, `no plugin` and `no plugin b`; their summed time per round) and "

@@ -19,8 +19,10 @@ processes of one engine differ by a few percent on this machine (where each proc
 pages land in the caches), so each side is four processes (their summed time per round): the
 two started with the others, and two more pairs in a second phase, after the first phase's
 engines have stopped (nine at once would not fit in memory). Half the absent processes
-against the other half is reported beside it as the noise floor. The HF engine runs the same
-prompts in this process between the first phase's rounds. Writes
+against the other half is reported beside it as the noise floor. In side experiments here the
+first engine process started ran 3-4% slower than those started after it, whatever its kind,
+so each phase first starts an engine that is never timed (idle until the phase ends). The HF
+engine runs the same prompts in this process between the first phase's rounds. Writes
 ``bench/results/vllm-<date>.json``.
 """
 
@@ -140,6 +142,7 @@ def main() -> None:
         return Worker(name, unsteered, {**env, "VLLM_PLUGINS": ""} if absent else env)
 
     with Quiet("vllm") as quiet:
+        first = plain("no plugin, untimed")  # see the module's docstring
         workers = {
             "compiled": Worker("compiled", {**base, "variants": variants, "eager": False}, env),
             **{name: plain(name) for name in ("compiled b", "no plugin", "no plugin b")},
@@ -174,8 +177,9 @@ def main() -> None:
             str(b): {v: workers["compiled"].ask({"batch": b, "share": v}) for v in variants}
             for b in BATCHES
         }
-        for worker in workers.values():
+        for worker in [first, *workers.values()]:
             worker.close()
+        first = plain("no plugin, untimed")
         workers = {name: plain(name) for name, _ in SECOND}
         for r in range(ROUNDS):
             for batch in BATCHES:
@@ -184,7 +188,7 @@ def main() -> None:
                     seconds = workers[engine].ask({"batch": batch, "variant": variant})
                     times[str(batch)][f"{engine} | {variant}"].append(seconds)
             print(f"second phase: round {r + 1}/{ROUNDS} done", flush=True)
-        for worker in workers.values():
+        for worker in [first, *workers.values()]:
             worker.close()
 
     def paired(batch: str, a: str, b: str) -> float:
