@@ -160,12 +160,18 @@ def main() -> None:
             f"steered, all {n_layers} layers": [Steering(every, 2.0)],
         }
         greedy = Sampling(TOKENS, stop_at_eos=False)
+
+        def time_units(
+            group: dict[str, Worker], units: list[tuple[str, str]], r: int, batch: int
+        ) -> None:
+            """Time every unit once at this batch size, in an order that rotates each round."""
+            for engine, variant in units[r % len(units) :] + units[: r % len(units)]:
+                seconds = group[engine].ask({"batch": batch, "variant": variant})
+                times[str(batch)][f"{engine} | {variant}"].append(seconds)
+
         for r in range(ROUNDS):
             for batch in BATCHES:
-                order = UNITS[r % len(UNITS) :] + UNITS[: r % len(UNITS)]
-                for engine, variant in order:
-                    seconds = workers[engine].ask({"batch": batch, "variant": variant})
-                    times[str(batch)][f"{engine} | {variant}"].append(seconds)
+                time_units(workers, UNITS, r, batch)
                 if r < HF_ROUNDS:
                     pids, mask = encode_prompts(lm.tokenizer, texts[:batch])
                     for name in list(variants)[r % 3 :] + list(variants)[: r % 3]:
@@ -183,10 +189,7 @@ def main() -> None:
         workers = {name: plain(name) for name, _ in SECOND}
         for r in range(ROUNDS):
             for batch in BATCHES:
-                order = SECOND[r % len(SECOND) :] + SECOND[: r % len(SECOND)]
-                for engine, variant in order:
-                    seconds = workers[engine].ask({"batch": batch, "variant": variant})
-                    times[str(batch)][f"{engine} | {variant}"].append(seconds)
+                time_units(workers, SECOND, r, batch)
             print(f"second phase: round {r + 1}/{ROUNDS} done", flush=True)
         for worker in [first, *workers.values()]:
             worker.close()

@@ -5,8 +5,8 @@ environment choosing the plugin (``STEERLAB_VECTORS``, or ``VLLM_PLUGINS=""`` fo
 It loads the engine, warms every batch size and variant up, prints ``READY``, then answers
 each line ``{"batch": B, "variant": NAME}`` with the seconds one ``generate`` took (and
 ``{"share": ...}`` requests with the share of that time spent in steerlab's per-step host
-code before each forward). The engine is in-process and idle between commands, so an idle worker costs nothing
-while another runs.
+code before each forward). The engine is in-process and idle between commands, so an idle
+worker costs nothing while another runs.
 """
 
 from __future__ import annotations

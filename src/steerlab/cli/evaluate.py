@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from steerlab.cli.common import (
+    MAX_ROWS_AT_ONCE,
     DeviceOpt,
     DtypeOpt,
     EagerOpt,
@@ -81,8 +82,8 @@ def sweep(
     batch_rows: int = typer.Option(
         192,
         "--batch-rows",
-        help="Most rows per padded batch of cells, and rows vLLM runs at once (at most 1024; "
-        "memory and speed, not results).",
+        help="Most rows per padded batch of cells, and rows vLLM runs at once (at most "
+        f"{MAX_ROWS_AT_ONCE}; memory and speed, not results).",
     ),
     out_dir: Path = typer.Option(
         Path("steerlab-out/sweep"), "--out", "-o", help="Output directory (resumable)."
